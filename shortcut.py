@@ -1,0 +1,283 @@
+"""Shortcut forcing: how the dynamics model is trained, and how it samples in a few steps.
+
+Read this top to bottom once; every formula below is used by a line of code further down.
+
+1. The flow path
+----------------
+Take a clean frame x1 (its normalised DINOv2 tokens) and pure noise x0 ~ N(0, I). Dreamer 4 mixes
+them with a signal level τ ∈ [0, 1]:
+
+    x_τ = (1 − τ)·x0 + τ·x1                τ = 0: pure noise,  τ = 1: clean data.
+
+As τ goes from 0 to 1, x_τ moves on a straight line from x0 to x1. Its velocity is
+
+    v = d x_τ / dτ = x1 − x0               (the same at every τ: the line is straight)
+
+so one Euler step of size d is exact on this line: x_{τ+d} = x_τ + d·v. A generator starts at
+noise and follows a predicted velocity v̂ to τ = 1, one step at a time.
+
+2. x-prediction and the velocity it implies
+-------------------------------------------
+Subtract x_τ from x1, using x_τ = (1 − τ)·x0 + τ·x1:
+
+    x1 − x_τ = (1 − τ)·x1 − (1 − τ)·x0 = (1 − τ)·(x1 − x0) = (1 − τ)·v
+
+so the velocity is the remaining distance to the data divided by the remaining time:
+
+    v = (x1 − x_τ) / (1 − τ)        and back:     x1 = x_τ + (1 − τ)·v.
+
+A network may therefore output either thing. If it outputs a clean-frame estimate x̂1
+("x-prediction", what Dreamer 4 and this project do) its velocity is
+
+    v̂ = (x̂1 − x_τ) / (1 − τ),
+
+and if it outputs v̂ ("v-prediction", the usual flow matching) its clean estimate is
+x̂1 = x_τ + (1 − τ)·v̂. Same information, two parameterisations: `velocity` and
+`clean_estimate` below convert one into the other, so the loss and the sampler serve both.
+
+3. Why ‖x̂1 − x1‖² = (1 − τ)²·‖v̂ − v‖²
+---------------------------------------
+Write both clean frames through their velocities at the same x_τ and subtract:
+
+    x̂1 − x1 = (x_τ + (1 − τ)·v̂) − (x_τ + (1 − τ)·v) = (1 − τ)·(v̂ − v).
+
+Square it. The factor (1 − τ)² is the square of the time left to travel: an error in the
+velocity moves the endpoint by (time left)·(velocity error). So a loss in x-space is a loss in
+v-space weighted by (1 − τ)²: full weight on noisy inputs (τ ≈ 0), vanishing weight on nearly
+clean ones (τ ≈ 1); conversely a v-space loss is an x-space loss weighted by 1/(1 − τ)², which
+explodes near τ = 1 where the task (copy the almost-clean input) is easiest.
+
+4. Why Dreamer 4 predicts x, not v
+----------------------------------
+Two separate choices hide here: what the network emits, and where the loss is measured.
+- Emitting v = x1 − x0 means emitting the noise x0 itself: white, full of high frequencies.
+  x1 is a structured, smooth token map on a low-dimensional data manifold; a network reproduces
+  that far more easily. Small high-frequency errors are harmless in one image but not in a world
+  model: every generated frame becomes the context of the next, and over hundreds of frames the
+  errors accumulate. Dreamer 4 reports exactly this for long rollouts.
+- Measuring the loss in x-space removes the 1/(1 − τ)² blow-up of point 3, so the gradient is
+  not dominated by nearly clean inputs. The ramp weight w(τ) = 0.9·τ + 0.1 then turns down the
+  weight of very noisy inputs (τ ≈ 0), whose targets are mostly irreducible guesswork.
+Dreamer 4's ablation (arXiv 2509.24527, Table 2: FVD of 384-frame Minecraft rollouts, lower is
+better; numbers as transcribed in DESIGN.md, check the paper): shortcut with v-prediction 329,
+x-prediction (loss still in v-space) 326, x-space loss 151, + ramp weight 102. The output
+parameterisation alone barely matters; the x-space loss halves the error; the ramp helps again.
+`pred="v"` (v-output, v-space loss) is kept for that ablation.
+
+5. Shortcut models: a step size input and a bootstrap target
+------------------------------------------------------------
+A flow model trained as above learns the *average* velocity through x_τ over all (x0, x1) pairs
+that pass there. Near noise that average points at the mean of all possible futures, so one big
+step lands on a blur, and sampling needs many small steps. Shortcut models (Frans et al., 2024)
+also give the network the step size d it will be used with, and teach big steps to agree with
+two small ones. With d = 1/k, k ∈ {1, 2, 4, ..., K_max}, d_min = 1/K_max, τ on the grid
+{0, d, ..., 1 − d} (so every step ends on the grid too):
+
+  d = d_min (flow rows):  plain flow matching, L = ‖x̂1 − x1‖².
+  d > d_min (bootstrap rows): two half steps of the model itself, under stop-gradient,
+      b′ = v̂(x_τ, τ, d/2)                  x′ = x_τ + (d/2)·b′
+      b″ = v̂(x′, τ + d/2, d/2)
+      one step of size d should move x_τ by d·(b′ + b″)/2, i.e. with velocity v_target = (b′ + b″)/2.
+  Velocities compose along a path (two steps add up); endpoint estimates x̂1 do not. That is why
+  the target is built in v-space. Back in x-space with point 2, the target clean frame is
+  x̃1 = x_τ + (1 − τ)·v_target, and by point 3
+      L = ‖x̂1 − x̃1‖² = (1 − τ)²·‖v̂ − v_target‖²           (Dreamer 4, eq. 7)
+  which is what the code computes (in v-space, without the factor, when pred="v").
+Big steps are thus distilled from smaller ones, down to d_min where real data anchor everything.
+The targets may come from an EMA copy of the weights (steadier), or from the model itself.
+
+6. Diffusion forcing, and sampling
+----------------------------------
+Every frame of a training clip draws its own d and τ: the model learns to predict any frame
+from a past at any noise level. A rollout then makes one frame at a time: start from noise and
+take K steps of d = 1/K (K = 4 in the paper),
+
+    x ← x + d·v̂ = x + d·(x̂1 − x)/(1 − τ)        τ = 0, d, 2d, ..., 1 − d,
+
+where the last step (1 − τ = d) lands exactly on x̂1, and K = 1 is x̂1 straight from noise.
+Past frames are given to the model slightly re-noised, signal level 0.9 (10 % noise) by default,
+so the model, trained on noisy pasts, is not thrown off by its own imperfect predictions.
+`mode="diffusion"` is plain diffusion forcing for the ablation: every row trains at d_min, and
+at sampling the model is told d_min while the sampler takes steps of 1/K (it knows nothing else).
+Dreamer 4 (same table) reports shortcut sampling at K = 4 close to diffusion at K = 64 (FVD 329
+vs 306), and diffusion forcing at K = 4 far behind (875): 16x fewer network passes per frame.
+"""
+import math
+
+import torch
+
+
+def per_token(levels):
+    """(B, T) signal levels or step sizes -> (B, T, 1, 1), to broadcast over (B, T, N, D) tokens."""
+    return levels[..., None, None]
+
+
+def velocity(output, x_tau, tau, pred):
+    """The velocity v̂ a model output stands for: (x̂1 − x_τ)/(1 − τ) for x-prediction, itself for v."""
+    return (output - x_tau) / (1 - tau) if pred == "x" else output
+
+
+def clean_estimate(output, x_tau, tau, pred):
+    """The clean frame x̂1 a model output stands for: itself for x-prediction, x_τ + (1 − τ)·v̂ for v."""
+    return output if pred == "x" else x_tau + (1 - tau) * output
+
+
+def check_options(model, steps, pred, mode):
+    if pred not in ("x", "v"):
+        raise ValueError(f"pred must be 'x' or 'v', got {pred!r}")
+    if mode not in ("shortcut", "diffusion"):
+        raise ValueError(f"mode must be 'shortcut' or 'diffusion', got {mode!r}")
+    if steps < 1 or steps & (steps - 1) or steps > model.config.k_max:  # d = 1/steps must have an embedding
+        raise ValueError(f"steps must be a power of two <= the model's k_max {model.config.k_max}, got {steps}")
+
+
+def sample_levels(batch, frames, k_max, bootstrap_rows, generator=None, device=None):
+    """Per-frame step sizes d and signal levels τ, both (B, T).
+
+    The first `bootstrap_rows` rows get d = 1/k with k uniform over {1, 2, ..., K_max/2} (every d
+    above d_min), the other rows d = d_min. Then τ is uniform on that frame's grid {0, d, ..., 1 − d}.
+    (The batch is already random, so which rows bootstrap does not need to be.)"""
+    exponent = torch.randint(0, max(1, int(math.log2(k_max))), (batch, frames), generator=generator, device=device)
+    # (max(1, .): with k_max = 1 there are no bootstrap rows, the draw is unused)
+    bootstrap = torch.arange(batch, device=device)[:, None] < bootstrap_rows
+    k = torch.where(bootstrap, 2 ** exponent, k_max)
+    steps = torch.floor(torch.rand(batch, frames, generator=generator, device=device) * k)
+    return steps / k, 1.0 / k  # tau, d
+
+
+@torch.no_grad()
+def bootstrap_velocity(teacher, x_tau, tau, d, actions, action_mask, pred):
+    """v_target = (b′ + b″)/2 from two half steps of the teacher (section 5), (B, T, N, D).
+
+    Every frame of the clip takes its half step in the same pass, so in the second pass a frame's
+    past is half a step cleaner than the student saw it: the usual simplification, one extra pass
+    per half step instead of one per frame."""
+    half = d / 2
+    first = velocity(teacher(x_tau, tau, half, actions, action_mask), x_tau, per_token(tau), pred)
+    x_mid = x_tau + per_token(half) * first
+    tau_mid = tau + half
+    second = velocity(teacher(x_mid, tau_mid, half, actions, action_mask), x_mid, per_token(tau_mid), pred)
+    return (first + second) / 2
+
+
+def shortcut_forcing_loss(model, z, actions, action_mask, k_max=None, bootstrap_fraction=0.25, ema_model=None,
+                          pred="x", ramp=True, mode="shortcut", generator=None):
+    """Dreamer 4's shortcut forcing loss on a batch of clips.
+
+    z (B, T, N, D) normalised clean tokens; actions (B, T, 7) normalised; action_mask (B,) or (B, T).
+    k_max: the finest step is 1/k_max; it sizes the model's τ and d embeddings, so it is the
+    model's config.k_max (default) and any other value is refused. bootstrap_fraction: share of
+    rows with bootstrap targets. ema_model: teacher for those targets (default: the model itself).
+    Returns (loss, {"flow": ..., "bootstrap": ...}), the parts detached, for logging."""
+    if k_max not in (None, model.config.k_max):
+        raise ValueError(f"k_max {k_max} differs from the model's config.k_max {model.config.k_max}")
+    k_max = model.config.k_max
+    check_options(model, k_max, pred, mode)
+    B, T = z.shape[:2]
+    bootstrap_rows = 0 if mode == "diffusion" or k_max == 1 else round(B * bootstrap_fraction)
+    tau, d = sample_levels(B, T, k_max, bootstrap_rows, generator, z.device)  # (B, T) each
+    x0 = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+    x_tau = (1 - per_token(tau)) * x0 + per_token(tau) * z
+    output = model(x_tau, tau, d, actions, action_mask)  # x̂1 (or v̂), (B, T, N, D)
+
+    # Targets in the space the loss is measured in: x-space for pred="x", v-space for pred="v".
+    target = z if pred == "x" else z - x0  # flow rows: the data itself (section 5, d = d_min)
+    if bootstrap_rows:
+        rows = slice(0, bootstrap_rows)
+        mask = action_mask.view(B, -1)[rows]
+        v_target = bootstrap_velocity(ema_model or model, x_tau[rows], tau[rows], d[rows], actions[rows], mask, pred)
+        # x-space: x̃1 = x_τ + (1 − τ)·v_target, so that ‖x̂1 − x̃1‖² = (1 − τ)²‖v̂ − v_target‖²
+        x_target = x_tau[rows] + (1 - per_token(tau[rows])) * v_target
+        target = torch.cat([x_target if pred == "x" else v_target, target[bootstrap_rows:]])
+
+    weight = 0.9 * tau + 0.1 if ramp else torch.ones_like(tau)  # w(τ), the ramp
+    frame_loss = weight * (output - target).pow(2).mean(dim=(2, 3))  # (B, T)
+    parts = {"flow": frame_loss[bootstrap_rows:].detach(), "bootstrap": frame_loss[:bootstrap_rows].detach()}
+    parts = {name: part.mean() if part.numel() else torch.zeros((), device=z.device) for name, part in parts.items()}
+    return frame_loss.mean(), parts
+
+
+def sample_frame(predict_clean, noise, K):
+    """K Euler steps of d = 1/K from noise (τ = 0) to data (τ = 1), section 6.
+
+    predict_clean(x, τ, d) -> x̂1 with the shape of x. The last step lands exactly on x̂1."""
+    x, d = noise, 1.0 / K
+    for step in range(K):
+        tau = step * d
+        x = x + d * (predict_clean(x, tau, d) - x) / (1 - tau)  # x + d·v̂
+    return x
+
+
+def sample_next(model, cache, action, K=4, action_mask=None, pred="x", mode="shortcut", generator=None, history=None):
+    """Generate the next frame, (B, N, D), in K steps from noise.
+
+    action (B, 1, 7) normalised: the action leading to the new frame; action_mask (B,), default all
+    True (False: generate without the action, as for unlabelled video). The past is in `cache`
+    (a KV cache, as rollout fills it) and/or in `history`: frames after the cached ones (all of the
+    past when cache is None), re-run at every step, as a tuple (tokens (B, F, N, D) at their signal
+    levels, tau (B, F), d (B, F), actions (B, F, 7), action_mask (B, F))."""
+    config = model.config
+    check_options(model, K, pred, mode)
+    B, device = action.shape[0], action.device
+    noise = torch.randn((B, 1, config.num_tokens, config.token_dim), generator=generator, device=device)
+    mask = torch.ones(B, 1, dtype=torch.bool, device=device) if action_mask is None else action_mask.view(B, 1)
+
+    def predict_clean(x, tau, d):  # x (B, 1, N, D)
+        if mode == "diffusion":  # plain diffusion forcing was trained at d_min only: tell it that
+            d = 1.0 / config.k_max
+        frame = (x, torch.full((B, 1), tau, device=device), torch.full((B, 1), d, device=device), action, mask)
+        if history is not None:
+            frame = tuple(torch.cat([past, new], dim=1) for past, new in zip(history, frame))
+        output = model(*frame, cache=cache, append=False)[:, -1:]
+        return clean_estimate(output, x, tau, pred)
+
+    return sample_frame(predict_clean, noise, K)[:, 0]
+
+
+@torch.no_grad()
+def rollout(model, context, actions, K=4, context_actions=None, context_mask=None, context_noise=0.9, pred="x",
+            mode="shortcut", generator=None, action_mask=None, use_cache=True):
+    """Imagine H frames after `context`, autoregressively: (B, C, N, D), (B, H, 7) -> (B, H, N, D).
+
+    B is any batch of candidate action sequences (the planner passes hundreds, the context expanded).
+    actions (B, H, 7) normalised, action h leading to generated frame h; action_mask (B,) for them,
+    default all True. context_actions (B, C, 7) normalised, or None for an unlabelled context;
+    context_mask (B,) or (B, C), default all True when context_actions is given. Context and
+    generated frames are fed back re-noised to signal level context_noise (snapped to the model's
+    τ grid). use_cache=False re-runs the whole past at every denoising step: the reference the
+    KV cache must equal (tests), and the baseline of its speed-up."""
+    config = model.config
+    B, C = context.shape[:2]
+    H = actions.shape[1]
+    k_max, device = config.k_max, context.device
+    if context_actions is None:
+        context_actions = torch.zeros(B, C, config.action_dim, device=device)
+        context_mask = torch.zeros(B, dtype=torch.bool, device=device)
+    elif context_mask is None:
+        context_mask = torch.ones(B, dtype=torch.bool, device=device)
+    if action_mask is None:
+        action_mask = torch.ones(B, dtype=torch.bool, device=device)
+    tau_context = round(context_noise * k_max) / k_max
+
+    def as_context(tokens, frame_actions, mask):  # (B, F, N, D) clean -> a history tuple at τ_context
+        length = tokens.shape[1]
+        noise = torch.randn(tokens.shape, generator=generator, device=device)
+        return ((1 - tau_context) * noise + tau_context * tokens, torch.full((B, length), tau_context, device=device),
+                torch.full((B, length), 1.0 / k_max, device=device), frame_actions, mask.view(B, -1).expand(B, length))
+
+    history, cache = as_context(context, context_actions, context_mask), None
+    if use_cache:
+        cache = model.new_cache(B)
+        model(*history, cache=cache, append=True)
+        history = None
+    frames = []
+    for step in range(H):
+        if step:  # the frame just generated joins the past, re-noised like the context
+            new = as_context(frames[-1][:, None], actions[:, step - 1:step], action_mask)
+            if use_cache:
+                model(*new, cache=cache, append=True)  # computed once, attended by every later pass
+            else:
+                history = tuple(torch.cat([past, frame], dim=1) for past, frame in zip(history, new))
+        action = actions[:, step:step + 1]  # (B, 1, 7): from the last frame to the new one
+        frames.append(sample_next(model, cache, action, K, action_mask, pred, mode, generator, history))
+    return torch.stack(frames, dim=1)

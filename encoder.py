@@ -1,0 +1,221 @@
+"""The frozen DINOv2 encoder: frames -> patch tokens, the latent space the world model lives in.
+
+    frames (B, 3, H, W) in [0, 1]
+      -> resize to the model's input size, ImageNet normalisation (what DINOv2 was trained on)
+      -> DINOv2 (frozen: eval mode, no gradients)      last_hidden_state (B, 1 + R + h·w, D)
+      -> drop the CLS token and the R registers         patch tokens (B, h·w, D)
+      -> optional k×k average pooling of the grid       (B, (h/k)·(w/k), D)
+
+Why frozen DINOv2. Its patch tokens already carry object identity, position and pose: the world
+model only has to learn how they move, never how to see (DINO-WM). Freezing also makes the latent
+space fixed, so the planner's cost, the goal image's tokens and the decoder all agree on it.
+
+Why pooling. DINOv2-S at 224 px gives 16×16 = 256 tokens of width 384 per frame; attention cost
+grows with tokens², so averaging k×k neighbouring patches (k = 2: 64 tokens) buys a 4× cheaper
+space attention for a coarser picture. The toy world uses a tiny DINOv2 with 8×8 patches of its
+64 px frames, pooled 2×2: 16 tokens.
+
+Weights. Real runs load `facebook/dinov2-with-registers-small` (the default) or any other
+DINOv2 (with or without registers) by hub id or local folder, with `from_pretrained` and remote
+code off. No weights can be downloaded in tests or for the toy default: `make_tiny_dinov2` builds
+a tiny randomly initialised DINOv2 from a config and saves it with `save_pretrained`, and it is
+loaded back through the very same `from_pretrained` call. (Its random features are still a
+fixed, information-preserving function of the image, which is all the toy world needs.)
+
+Token statistics. The world model sees tokens normalised per channel, z = (t − mean)/std, with
+mean and std measured on training frames (TokenStats), so that unit-variance noise in the flow
+matching is on the same scale as the data in every channel.
+
+Feature cache. `python encoder.py --dataset SRC --out DIR` runs DINOv2 once over every frame of a
+dataset and stores the tokens (float16, memory-mapped); `train.py --feature-cache` then trains
+without decoding video or running DINOv2 at all.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+DEFAULT_ENCODER = "facebook/dinov2-with-registers-small"
+TOY_ENCODER_DIR = os.path.join("toy_data", "dinov2_tiny")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Encoder(nn.Module):
+    """Frozen DINOv2 patch tokens. Attributes: image_size, token_dim D, num_tokens N, grid (h, w),
+    name_or_path, pool."""
+
+    def __init__(self, name_or_path=DEFAULT_ENCODER, pool=1):
+        super().__init__()
+        from transformers import AutoModel
+        try:
+            self.model = AutoModel.from_pretrained(name_or_path, trust_remote_code=False)
+        except OSError as error:
+            raise OSError(f"cannot load DINOv2 {name_or_path!r}: {str(error).splitlines()[0]}") from None
+        config = self.model.config
+        if config.model_type not in ("dinov2", "dinov2_with_registers"):
+            raise OSError(f"{name_or_path!r} is a {config.model_type!r} model, not DINOv2")
+        self.model.eval().requires_grad_(False)
+        self.name_or_path, self.pool = name_or_path, pool
+        self.image_size, patch = config.image_size, config.patch_size
+        side = self.image_size // patch
+        if side % pool:
+            raise ValueError(f"pool {pool} does not divide the {side}x{side} patch grid")
+        self.skip = 1 + getattr(config, "num_register_tokens", 0)  # CLS (+ registers) come first
+        self.patch_side = side
+        self.grid = (side // pool, side // pool)
+        self.num_tokens, self.token_dim = self.grid[0] * self.grid[1], config.hidden_size
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode=True):  # frozen: stays in eval mode whatever the caller does
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, frames):
+        """(B, 3, H, W) in [0, 1] -> (B, N, D) patch tokens."""
+        if frames.shape[-2:] != (self.image_size, self.image_size):
+            frames = F.interpolate(frames, size=(self.image_size, self.image_size), mode="bilinear",
+                                   antialias=True, align_corners=False)
+        hidden = self.model(pixel_values=(frames - self.mean) / self.std).last_hidden_state
+        patches = hidden[:, self.skip:]  # (B, h·w, D)
+        if self.pool > 1:
+            B, _, D = patches.shape
+            grid = patches.transpose(1, 2).reshape(B, D, self.patch_side, self.patch_side)
+            patches = F.avg_pool2d(grid, self.pool).flatten(2).transpose(1, 2)  # (B, N, D)
+        return patches
+
+
+def make_tiny_dinov2(path, image_size=64, patch_size=8, hidden_size=64, layers=2, heads=4, registers=4, seed=0):
+    """A tiny, randomly initialised DINOv2 with registers saved with save_pretrained: what tests
+    and the toy demo load through from_pretrained, exactly like a hub id."""
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+    torch.manual_seed(seed)
+    config = Dinov2WithRegistersConfig(image_size=image_size, patch_size=patch_size, hidden_size=hidden_size,
+                                       num_hidden_layers=layers, num_attention_heads=heads,
+                                       intermediate_size=4 * hidden_size, num_register_tokens=registers)
+    Dinov2WithRegistersModel(config).save_pretrained(path)
+    return path
+
+
+def ensure_tiny_dinov2(path=TOY_ENCODER_DIR):
+    """The toy default's encoder, created once."""
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        make_tiny_dinov2(path)
+    return path
+
+
+class TokenStats:
+    """Per-channel mean and std (D,) of raw tokens: z = (tokens − mean)/std."""
+
+    def __init__(self, mean, std):
+        self.mean = torch.as_tensor(mean, dtype=torch.float32)
+        self.std = torch.as_tensor(std, dtype=torch.float32)
+
+    def normalize(self, tokens):
+        return (tokens - self.mean.to(tokens.device)) / self.std.to(tokens.device)
+
+    def denormalize(self, tokens):
+        return tokens * self.std.to(tokens.device) + self.mean.to(tokens.device)
+
+    def save(self, path):
+        with open(path, "w") as file:
+            json.dump({"mean": self.mean.tolist(), "std": self.std.tolist()}, file)
+
+    @classmethod
+    def load(cls, path):
+        with open(path) as file:
+            return cls(**json.load(file))
+
+
+def compute_token_stats(token_batches, max_batches=8):
+    """Mean and std per channel over every token of up to `max_batches` batches of raw tokens
+    (any shape (..., D)). Accumulated in float64 so large datasets do not lose precision."""
+    total, total_squares, count = 0.0, 0.0, 0
+    for index, tokens in enumerate(token_batches):
+        if index >= max_batches:
+            break
+        flat = tokens.reshape(-1, tokens.shape[-1]).double()
+        total, total_squares, count = total + flat.sum(0), total_squares + flat.pow(2).sum(0), count + len(flat)
+    if count == 0:
+        raise ValueError("no tokens to compute statistics from")
+    mean = total / count
+    std = (total_squares / count - mean ** 2).clamp_min(1e-12).sqrt()
+    return TokenStats(mean.float(), std.float().clamp_min(1e-6))
+
+
+# ----------------------------------------------------------------------------------------------
+# Feature cache: encode every frame of a dataset once.
+
+
+def write_feature_cache(source, out, encoder, camera_key, batch_size=64, num_workers=0, device="cpu"):
+    """tokens.npy (total_frames, N, D) float16 with row i = absolute frame i, plus meta.json and
+    token_stats.json. Written into `<out>.partial` and renamed at the end: never half a cache."""
+    import data
+    frames = data.ClipDataset(source, role="unlabeled", camera_key=camera_key, clip_length=1,
+                              image_size=encoder.image_size)
+    partial = out.rstrip("/") + ".partial"
+    os.makedirs(partial, exist_ok=True)
+    total = frames.metadata.total_frames
+    tokens = np.lib.format.open_memmap(os.path.join(partial, "tokens.npy"), mode="w+", dtype=np.float16,
+                                       shape=(total, encoder.num_tokens, encoder.token_dim))
+    loader = torch.utils.data.DataLoader(frames, batch_size=batch_size, num_workers=num_workers)
+    total_sum = total_squares = 0.0
+    start_time = time.perf_counter()
+    position = 0
+    for batch in tqdm(loader, desc=f"encoding {source}", unit="batch"):
+        encoded = encoder(batch["frames"][:, 0].to(device)).cpu()  # (B, N, D)
+        rows = frames.absolute_index[frames.starts[position:position + len(encoded)]]
+        tokens[rows] = encoded.numpy().astype(np.float16)
+        flat = encoded.reshape(-1, encoded.shape[-1]).double()
+        total_sum, total_squares = total_sum + flat.sum(0), total_squares + flat.pow(2).sum(0)
+        position += len(encoded)
+    tokens.flush()
+    seconds = time.perf_counter() - start_time
+    count = position * encoder.num_tokens
+    mean = total_sum / count
+    TokenStats(mean.float(), (total_squares / count - mean ** 2).clamp_min(1e-12).sqrt().float()).save(
+        os.path.join(partial, "token_stats.json"))
+    with open(os.path.join(partial, "meta.json"), "w") as file:
+        json.dump(dict(source=source, encoder=encoder.name_or_path, pool=encoder.pool, camera_key=camera_key,
+                       image_size=encoder.image_size, num_frames=total, seconds=seconds), file, indent=1)
+    if os.path.isdir(out):
+        import shutil
+        shutil.rmtree(out)
+    os.replace(partial, out)
+    return out, position / seconds
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Encode every frame of a LeRobot dataset with frozen DINOv2 "
+                                     "once, into a feature cache that train.py --feature-cache reads.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--dataset", required=True, help="local LeRobot folder, hub id, or droid/droid_subset")
+    parser.add_argument("--encoder", default=DEFAULT_ENCODER, help="DINOv2 hub id or local folder")
+    parser.add_argument("--pool", type=int, default=1, help="k x k average pooling of the patch grid")
+    parser.add_argument("--camera-key", default="observation.images.exterior_1_left")
+    parser.add_argument("--out", required=True, help="cache folder to write")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    import data
+    try:
+        encoder = Encoder(args.encoder, pool=args.pool).to(args.device)
+        out, frames_per_second = write_feature_cache(args.dataset, args.out, encoder, args.camera_key,
+                                                     args.batch_size, args.num_workers, args.device)
+    except (data.DatasetError, OSError, ValueError) as error:
+        raise SystemExit(f"error: {error}")
+    print(f"wrote {out} ({frames_per_second:.0f} frames/s); train with --feature-cache")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

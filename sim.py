@@ -1,0 +1,276 @@
+"""A tiny rendered 6-DoF end-effector world: the embedded default dataset and the closed-loop benchmark.
+
+The world is one floating gripper seen by a fixed camera. Its state is DROID's end-effector pose
+
+    pose = (x, y, z, roll, pitch, yaw, gripper)   metres, radians (extrinsic xyz Euler), opening in [0, 1]
+
+and an action is a 7-D delta end-effector pose exactly as data.py derives it from recorded
+states: translation added in the base frame, rotation composed on the left (R_new = ΔR · R),
+gripper added, then the pose is clipped to the workspace. So `data.delta_ee(pose, step(pose, a))`
+gives back `a` (unless the clip bit), and a model trained on toy data learns the same action
+convention it would on DROID.
+
+Rendering (numpy, deterministic, 64 × 64 RGB). The gripper is five capsules in its own frame: a
+red palm bar, a green and a blue finger (their spacing is the gripper opening), a yellow wrist
+and a white marker that breaks the left/right symmetry. Each capsule's end points go through the
+pose (rotation, translation) and a pinhole camera in front of and above the workspace; the
+capsules are drawn far to near with soft, ~1 px edges and a shading gradient along their length.
+Every one of the 7 numbers visibly changes the image: x, y move it (y also away from the camera),
+z moves it up and makes it bigger, the three rotations change its silhouette, the opening moves
+the fingers. The background is a fixed, smooth colour texture with a faint grid, so an image is
+never trivially blank. The gripper is drawn large on purpose: the planner compares coarse 4×4
+token grids, and overlapping, smoothly changing pictures make that distance informative.
+
+Datasets. `write_toy_dataset` drives the gripper with smooth random actions (an AR(1) process
+per dimension, like a teleoperator's persistent motions) and writes a real LeRobot v3.0 dataset
+through lerobot's own `LeRobotDataset.create / add_frame / save_episode / finalize`, with DROID's
+key names. `ensure_toy_datasets` writes the demo's labelled and unlabelled sets once (different
+seeds, so different episodes).
+"""
+import argparse
+import os
+import shutil
+import sys
+
+import numpy as np
+
+from data import CAMERA_KEY, apply_delta_ee, delta_ee, euler_to_matrix, matrix_to_rotvec
+
+IMAGE_SIZE = 64
+FPS = 15
+WORKSPACE_LOW = np.array([-0.15, -0.15, 0.00, -0.6, -0.6, -1.2, 0.0])
+WORKSPACE_HIGH = np.array([0.15, 0.15, 0.15, 0.6, 0.6, 1.2, 1.0])
+POSITION_KEY = "observation.state.cartesian_position"
+GRIPPER_KEY = "observation.state.gripper_position"
+TOY_LABELED_DIR = os.path.join("toy_data", "labeled")
+TOY_UNLABELED_DIR = os.path.join("toy_data", "unlabeled")
+# The demo's data: 5 % of the frames labelled, as in the real regime (episodes x frames).
+TOY_LABELED_SIZE = dict(episodes=8, steps_per_episode=40, seed=1)
+TOY_UNLABELED_SIZE = dict(episodes=152, steps_per_episode=40, seed=2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rendering.
+
+
+def _look_at(position, target):
+    """Rows of the world-to-camera rotation: camera x (right), y (down), z (forward)."""
+    forward = (target - position) / np.linalg.norm(target - position)
+    right = np.cross(forward, np.array([0.0, 0.0, 1.0]))
+    right = right / np.linalg.norm(right)
+    return np.stack([right, np.cross(forward, right), forward])
+
+
+CAMERA_POSITION = np.array([0.0, -0.55, 0.55])
+CAMERA_ROTATION = _look_at(CAMERA_POSITION, np.array([0.0, 0.0, 0.05]))
+FOCAL_PIXELS = 95.0
+
+
+def _gripper_capsules(opening):
+    """opening (S,) -> starts (S, M, 3), ends (S, M, 3), radii (M,), colours (M, 3)."""
+    half_width = 0.035 + 0.065 * opening  # finger distance from the centre
+    S = opening.shape[0]
+    zeros = np.zeros(S)
+    starts = np.stack([
+        np.stack([np.full(S, -0.11), zeros, zeros], -1),  # palm bar
+        np.stack([-half_width, zeros, zeros], -1),  # left finger
+        np.stack([half_width, zeros, zeros], -1),  # right finger
+        np.stack([zeros, zeros, zeros], -1),  # wrist, pointing up
+        np.stack([zeros, zeros, np.full(S, 0.02)], -1),  # marker along +y, breaks the symmetry
+    ], 1)
+    ends = np.stack([
+        np.stack([np.full(S, 0.11), zeros, zeros], -1),
+        np.stack([-half_width, zeros, np.full(S, -0.13)], -1),
+        np.stack([half_width, zeros, np.full(S, -0.13)], -1),
+        np.stack([zeros, zeros, np.full(S, 0.10)], -1),
+        np.stack([zeros, np.full(S, 0.09), np.full(S, 0.02)], -1),
+    ], 1)
+    radii = np.array([0.026, 0.02, 0.02, 0.022, 0.018])
+    colours = np.array([[0.85, 0.15, 0.1], [0.1, 0.75, 0.2], [0.15, 0.3, 0.95], [0.95, 0.85, 0.1], [0.95, 0.95, 0.95]])
+    return starts, ends, radii, colours
+
+
+def _background(size=IMAGE_SIZE, seed=1234):
+    """A fixed, smooth colour texture with a floor grid: the planner cannot match on a blank image."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.uniform(0.25, 0.6, size=(6, 6, 3))
+    coordinates = np.linspace(0, 5, size)
+    i0 = np.clip(np.floor(coordinates).astype(int), 0, 4)
+    frac = coordinates - i0
+    rows = coarse[i0] * (1 - frac)[:, None, None] + coarse[i0 + 1] * frac[:, None, None]  # (size, 6, 3)
+    image = rows[:, i0] * (1 - frac)[None, :, None] + rows[:, i0 + 1] * frac[None, :, None]  # (size, size, 3)
+    grid = ((np.arange(size) % 8) == 0)
+    image[grid, :, :] *= 0.9
+    image[:, grid, :] *= 0.9
+    return image
+
+
+BACKGROUND = _background()
+
+
+def render_batch(poses):
+    """poses (S, 7) -> images (S, 64, 64, 3) uint8, all S at once (the planner's oracle renders hundreds)."""
+    poses = np.asarray(poses, dtype=np.float64)
+    S = poses.shape[0]
+    starts, ends, radii, colours = _gripper_capsules(poses[:, 6])
+    rotation = euler_to_matrix(poses[:, 3:6])  # (S, 3, 3)
+    position = poses[:, None, :3]  # (S, 1, 3)
+
+    def to_camera(points):  # (S, M, 3) gripper frame -> camera frame
+        world = np.einsum("sij,smj->smi", rotation, points) + position
+        return (world - CAMERA_POSITION) @ CAMERA_ROTATION.T
+
+    a, b = to_camera(starts), to_camera(ends)  # (S, M, 3)
+    centre = IMAGE_SIZE / 2 - 0.5
+
+    def project(points):
+        return FOCAL_PIXELS * points[..., :2] / points[..., 2:3] + centre  # (S, M, 2) pixel (u, v)
+
+    pa, pb = project(a), project(b)
+    depth = (a[..., 2] + b[..., 2]) / 2  # (S, M)
+    radius = radii * FOCAL_PIXELS / depth  # (S, M) pixels
+    v, u = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE]
+    pixels = np.stack([u, v], -1).reshape(1, 1, -1, 2).astype(np.float64)  # (1, 1, P, 2)
+    segment = (pb - pa)[:, :, None]  # (S, M, 1, 2)
+    t = np.clip(((pixels - pa[:, :, None]) * segment).sum(-1) / np.maximum((segment ** 2).sum(-1), 1e-9), 0, 1)
+    distance = np.linalg.norm(pixels - (pa[:, :, None] + t[..., None] * segment), axis=-1)  # (S, M, P)
+    coverage = 1 / (1 + np.exp((distance - radius[..., None]) / 0.6))  # soft edge, ~1 px wide
+    shade = 0.75 + 0.25 * (1 - t)  # a gradient along each capsule shows which end is which
+    images = np.broadcast_to(BACKGROUND.reshape(1, -1, 3), (S, IMAGE_SIZE * IMAGE_SIZE, 3)).copy()
+    order = np.argsort(-depth, axis=1)  # far first
+    rows = np.arange(S)
+    for m in range(order.shape[1]):
+        index = order[:, m]
+        alpha = coverage[rows, index][..., None]  # (S, P, 1)
+        colour = colours[index][:, None, :] * shade[rows, index][..., None]  # (S, P, 3)
+        images = images * (1 - alpha) + colour * alpha
+    return (images.reshape(S, IMAGE_SIZE, IMAGE_SIZE, 3) * 255).round().clip(0, 255).astype(np.uint8)
+
+
+def render(pose):
+    return render_batch(np.asarray(pose)[None])[0]
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Motion.
+
+
+def step_batch(poses, actions):
+    """(S, 7) poses, (S, 7) delta-EE actions -> next poses, clipped to the workspace."""
+    return np.clip(apply_delta_ee(poses, actions), WORKSPACE_LOW, WORKSPACE_HIGH)
+
+
+def step(pose, action):
+    return step_batch(np.asarray(pose)[None], np.asarray(action)[None])[0]
+
+
+def random_pose(rng, margin=0.15):
+    """A pose drawn uniformly inside the workspace, `margin` of each range away from its edges."""
+    span = WORKSPACE_HIGH - WORKSPACE_LOW
+    return rng.uniform(WORKSPACE_LOW + margin * span, WORKSPACE_HIGH - margin * span)
+
+
+ACTION_SCALE = np.array([0.012, 0.012, 0.008, 0.05, 0.05, 0.08, 0.08])  # per-step std of a random action
+
+
+def smooth_actions(rng, steps, smoothing=0.8):
+    """(steps, 7) random delta-EE actions, low-pass filtered (AR(1)) so motions persist a few steps
+    like a teleoperator's, with the per-step spread ACTION_SCALE."""
+    noise = rng.normal(size=(steps, 7))
+    actions = np.empty_like(noise)
+    previous = noise[0]
+    for t in range(steps):
+        previous = smoothing * previous + np.sqrt(1 - smoothing ** 2) * noise[t]
+        actions[t] = previous
+    return actions * ACTION_SCALE
+
+
+
+def pose_error(pose, goal):
+    """(position error in metres, rotation error in radians (angle of R_goal·R_poseᵀ), |gripper error|)."""
+    pose, goal = np.asarray(pose, np.float64), np.asarray(goal, np.float64)
+    rotation = euler_to_matrix(goal[3:6]) @ euler_to_matrix(pose[3:6]).T
+    return (float(np.linalg.norm(goal[:3] - pose[:3])), float(np.linalg.norm(matrix_to_rotvec(rotation))),
+            float(abs(goal[6] - pose[6])))
+
+
+# ----------------------------------------------------------------------------------------------
+# Datasets.
+
+
+def write_toy_dataset(root, episodes, steps_per_episode=40, seed=0, repo_id="toy/ee_world"):
+    """A LeRobot v3.0 dataset of `episodes` random smooth trajectories. `action[t]` is the delta EE
+    from frame t to t+1 (zero on the last frame). Written into `<root>.partial`, renamed when done."""
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+    features = {
+        CAMERA_KEY: {"dtype": "video", "shape": (IMAGE_SIZE, IMAGE_SIZE, 3), "names": ["height", "width", "channels"]},
+        POSITION_KEY: {"dtype": "float32", "shape": (6,), "names": ["x", "y", "z", "roll", "pitch", "yaw"]},
+        GRIPPER_KEY: {"dtype": "float32", "shape": (1,), "names": ["gripper"]},
+        "action": {"dtype": "float32", "shape": (7,), "names": ["dx", "dy", "dz", "rx", "ry", "rz", "dgripper"]},
+    }
+    temporary = f"{root}.partial"
+    shutil.rmtree(temporary, ignore_errors=True)
+    dataset = LeRobotDataset.create(repo_id, FPS, features, root=temporary, robot_type="toy_ee", use_videos=True)
+    rng = np.random.default_rng(seed)
+    for episode in range(episodes):
+        pose = random_pose(rng)
+        actions = smooth_actions(rng, steps_per_episode)
+        poses = [pose]
+        for t in range(steps_per_episode - 1):
+            poses.append(step(poses[-1], actions[t]))
+        poses = np.stack(poses)
+        images = render_batch(poses)  # (steps, 64, 64, 3)
+        applied = np.concatenate([delta_ee(poses[:-1], poses[1:]), np.zeros((1, 7))])
+        for t in range(steps_per_episode):
+            dataset.add_frame({CAMERA_KEY: images[t], POSITION_KEY: poses[t, :6].astype(np.float32),
+                               GRIPPER_KEY: poses[t, 6:].astype(np.float32),
+                               "action": applied[t].astype(np.float32), "task": "move the gripper"})
+        dataset.save_episode()
+    dataset.finalize()
+    os.replace(temporary, root)
+    return root
+
+
+
+def ensure_toy_datasets():
+    """(labelled root, unlabelled root) of the demo, written on first use."""
+    for root, size in ((TOY_LABELED_DIR, TOY_LABELED_SIZE), (TOY_UNLABELED_DIR, TOY_UNLABELED_SIZE)):
+        if not os.path.isfile(os.path.join(root, "meta", "info.json")):
+            print(f"writing the toy dataset {root} ({size['episodes']} episodes) with lerobot ...")
+            write_toy_dataset(root, **size)
+    return TOY_LABELED_DIR, TOY_UNLABELED_DIR
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="The toy end-effector world: write a LeRobot dataset of "
+                                     "random smooth motions, or render poses to a PNG strip.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--out", help="dataset folder to write")
+    parser.add_argument("--episodes", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=40, help="frames per episode")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--strip", help="PNG: render a start pose and each of the 7 dimensions changed")
+    args = parser.parse_args(argv)
+    if not args.out and not args.strip:
+        parser.error("give --out (write a dataset) and/or --strip (render a picture)")
+    if args.out:
+        if os.path.exists(args.out):
+            raise SystemExit(f"error: {args.out} already exists; choose another --out")
+        write_toy_dataset(args.out, args.episodes, args.steps, args.seed)
+        print(f"wrote {args.out}")
+    if args.strip:
+        from PIL import Image
+        centre = (WORKSPACE_LOW + WORKSPACE_HIGH) / 2
+        poses = [centre]
+        for dimension in range(7):  # push each dimension towards its upper limit in turn
+            pose = centre.copy()
+            pose[dimension] = WORKSPACE_HIGH[dimension]
+            poses.append(pose)
+        Image.fromarray(np.concatenate(list(render_batch(np.stack(poses))), axis=1)).save(args.strip)
+        print(f"wrote {args.strip}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,504 @@
+"""Train the world model: LeRobot clips -> frozen DINOv2 tokens -> shortcut forcing on the dynamics model.
+
+    python train.py                                            # toy demo: ~5 min on 2 CPU cores
+    python train.py --labeled droid_subset --unlabeled droid   # DROID in LeRobot format
+    torchrun --nproc_per_node=8 train.py --labeled ... --unlabeled ...
+
+One training step, in shapes:
+
+    batch from MixedLoader        frames (B, T, 3, H, W) or cached tokens (B, T, N, D),
+                                  actions (B, T, 7) in robot units, action_mask (B,)
+    frozen encoder (no grad)      z = (DINOv2(frames) - mean) / std          (B, T, N, D)
+    normalise actions             a = (actions - mean) / std, 0 where unlabelled
+    shortcut forcing loss         shortcut.shortcut_forcing_loss(model, z, a, action_mask)
+    AdamW step, warm-up + cosine learning rate, gradient clipping, EMA of the weights
+
+The 95/5 mix happens in the loader: every sample is labelled with probability
+`--labeled-fraction`; the others carry no actions and the model sees its learned "no action"
+embedding in their place, so the 95 % action-free video still teaches what the world looks like
+and how it moves, and the 5 % teaches what the actions do.
+
+Checkpoints are one file (`<out>/checkpoint.pt`) of tensors and plain Python values only, written
+atomically (temporary file, then rename) every `--save-every` steps, at the end, and on Ctrl-C /
+SIGTERM. They are read with `torch.load(weights_only=True)`, which never runs code from the file.
+Every random draw of step s (which clips, which noise, which tau and d) comes from generators seeded
+by (seed, rank, step), so a run that is stopped - even killed hard - and resumed with `--resume`
+reaches exactly the weights of a run that was never interrupted (on CPU).
+
+Data parallel: under `torchrun` every rank draws different clips (the rank is in the seed), the
+gradients are averaged by DistributedDataParallel (NCCL on GPUs, gloo on CPU), and only rank 0
+writes checkpoints and logs.
+"""
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import data
+import encoder as encoder_module
+import sim
+from dynamics import DynamicsConfig, DynamicsModel, PRESETS
+from shortcut import shortcut_forcing_loss
+
+CHECKPOINT_FORMAT = "dreamer-dino-wm/1"
+TOY_RUN_DIR = os.path.join("runs", "toy")
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing, corrupt, or not one of ours (the CLIs print it on one line)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: one file, tensors and plain values only, written atomically.
+
+
+def save_atomic(payload, path):
+    """torch.save to a temporary file next to `path`, then rename over it. A crash mid-write leaves
+    the previous file intact: os.replace is atomic on POSIX and Windows."""
+    temporary = f"{path}.tmp-{os.getpid()}"
+    torch.save(payload, temporary)
+    os.replace(temporary, path)
+
+
+def load_safely(path, expected_format=CHECKPOINT_FORMAT):
+    """Read a checkpoint with weights_only=True (no code from the file ever runs) and check that it
+    is ours. Raises CheckpointError with a one-line reason."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated file, pickle with code in it, not a torch file at all
+        raise CheckpointError(f"cannot read checkpoint {path!r} ({type(error).__name__}: "
+                              f"{str(error).splitlines()[0][:160]})") from None
+    if not isinstance(payload, dict) or payload.get("format") != expected_format:
+        raise CheckpointError(f"{path!r} is not a checkpoint of this project "
+                              f"(expected format {expected_format!r})")
+    return payload
+
+
+def load_world_model(path, device="cpu", use_ema=True):
+    """The dynamics model of a training checkpoint (EMA weights when present), in eval mode, and
+    the checkpoint dict (config, action and token statistics, encoder name)."""
+    checkpoint = load_safely(path)
+    model = DynamicsModel(DynamicsConfig(**checkpoint["model_config"]))
+    weights = checkpoint["ema"] if use_ema and checkpoint.get("ema") is not None else checkpoint["model"]
+    model.load_state_dict(weights)
+    return model.to(device).eval(), checkpoint
+
+
+# ----------------------------------------------------------------------------------------------
+# Learning-rate schedule and EMA.
+
+
+def learning_rate_factor(step, warmup_steps, total_steps, final_fraction=0.1):
+    """Linear warm-up to 1, then cosine decay to `final_fraction` at `total_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def update_ema(ema_model, model, decay):
+    """ema <- decay * ema + (1 - decay) * weights: a smoothed copy that evaluates better and, with
+    --ema-bootstrap, gives steadier bootstrap targets."""
+    for ema_parameter, parameter in zip(ema_model.parameters(), model.parameters()):
+        ema_parameter.lerp_(parameter.detach(), 1 - decay)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line.
+
+
+def build_argument_parser():
+    parser = argparse.ArgumentParser(
+        description="Train the DINOv2 + Dreamer 4 world model with shortcut forcing on LeRobot data. "
+                    "With no --labeled/--unlabeled it trains the embedded toy demo (sim.py).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    group = parser.add_argument_group("data")
+    group.add_argument("--toy", action="store_true",
+                       help="the data are sim.py's toy world (implied when no dataset is given): toy defaults, "
+                            "closed-loop planning in the simulator; --labeled/--unlabeled may name other toy sets")
+    group.add_argument("--labeled", help="action-labelled dataset: local path, hub id, or droid_subset")
+    group.add_argument("--unlabeled", help="action-free video dataset: local path, hub id, or droid")
+    group.add_argument("--labeled-fraction", type=float, default=0.05,
+                       help="probability that a training sample comes from the labelled set")
+    group.add_argument("--camera-key", default="observation.images.exterior_1_left")
+    group.add_argument("--state-keys", nargs="+",
+                       default=["observation.state.cartesian_position", "observation.state.gripper_position"],
+                       help="state keys whose concatenation is (x, y, z, roll, pitch, yaw, gripper)")
+    group.add_argument("--clip-length", type=int, default=8, help="frames per training clip (T)")
+    group.add_argument("--frame-stride", type=int, default=1, help="dataset frames between clip frames")
+    group.add_argument("--val-fraction", type=float, default=0.1, help="episodes held out for validation")
+    group.add_argument("--streaming", action="store_true", help="stream from the hub instead of downloading")
+    group.add_argument("--feature-cache", nargs=2, metavar=("LABELED_DIR", "UNLABELED_DIR"),
+                       help="token caches written by `python encoder.py` for the two datasets")
+    group.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes")
+    group = parser.add_argument_group("encoder")
+    group.add_argument("--encoder", default="facebook/dinov2-with-registers-small",
+                       help="DINOv2 hub id or local folder (the toy demo uses a tiny local one)")
+    group.add_argument("--pool", type=int, default=1, help="k x k average pooling of the patch grid")
+    group.add_argument("--stats-batches", type=int, default=8, help="batches used for token statistics")
+    group = parser.add_argument_group("model")
+    group.add_argument("--preset", default="small", choices=sorted(PRESETS))
+    group.add_argument("--time-every", type=int, help="a time-attention layer every k-th layer")
+    group.add_argument("--head", choices=["linear", "dh"], help="output head (dh: RAE-style wide head)")
+    group.add_argument("--k-max", type=int, help="finest shortcut grid: d_min = 1 / k_max")
+    group = parser.add_argument_group("objective")
+    group.add_argument("--mode", default="shortcut", choices=["shortcut", "diffusion"],
+                       help="shortcut forcing, or plain diffusion forcing (ablation)")
+    group.add_argument("--pred", default="x", choices=["x", "v"], help="x- or v-prediction (ablation)")
+    group.add_argument("--bootstrap-fraction", type=float, default=0.25)
+    group.add_argument("--no-ramp", action="store_true", help="drop the w(tau) = 0.9 tau + 0.1 weight")
+    group.add_argument("--ema-bootstrap", action="store_true", help="bootstrap targets from EMA weights")
+    group = parser.add_argument_group("optimisation")
+    group.add_argument("--steps", type=int, default=100_000)
+    group.add_argument("--batch-size", type=int, default=32, help="clips per step per rank")
+    group.add_argument("--lr", type=float, default=3e-4)
+    group.add_argument("--warmup", type=int, default=1000, help="warm-up steps")
+    group.add_argument("--weight-decay", type=float, default=0.05)
+    group.add_argument("--grad-clip", type=float, default=1.0)
+    group.add_argument("--ema", type=float, default=0.999, help="EMA decay (0 disables EMA)")
+    group.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                       help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    group.add_argument("--compile", action="store_true", help="torch.compile the model")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    group = parser.add_argument_group("output")
+    group.add_argument("--out", help="run folder (default runs/toy for the demo, runs/<name> otherwise)")
+    group.add_argument("--resume", metavar="CHECKPOINT", help="continue a run from its checkpoint")
+    group.add_argument("--overwrite", action="store_true", help="start afresh over an existing run folder")
+    group.add_argument("--save-every", type=int, default=1000)
+    group.add_argument("--log-every", type=int, default=10)
+    group.add_argument("--val-every", type=int, default=500)
+    group.add_argument("--val-batches", type=int, default=4)
+    group.add_argument("--wandb", metavar="PROJECT", help="also log to Weights & Biases (off by default)")
+    return parser
+
+
+# The toy demo's defaults: what `python train.py` with no dataset trains (about 5 min on 2 cores).
+TOY_DEFAULTS = dict(preset="tiny", pool=2, steps=1500, batch_size=16, lr=1e-3, warmup=100,
+                    save_every=250, val_every=250, labeled_fraction=0.05)
+
+
+def parse_arguments(argv=None):
+    parser = build_argument_parser()
+    args = parser.parse_args(argv)
+    if args.toy or (args.labeled is None and args.unlabeled is None):
+        # The toy world: parse again with the toy defaults, so that flags given explicitly still win.
+        parser.set_defaults(toy=True, out=TOY_RUN_DIR, **TOY_DEFAULTS)
+        args = parser.parse_args(argv)
+    elif args.labeled is None or args.unlabeled is None:
+        parser.error("pass both --labeled and --unlabeled (or neither, for the toy demo)")
+    if not 0.0 <= args.labeled_fraction <= 1.0:
+        parser.error("--labeled-fraction must be in [0, 1]")
+    if args.clip_length < 2:
+        parser.error("--clip-length must be at least 2 (the model predicts frame t from frames < t)")
+    if args.steps <= 0 or args.batch_size <= 0:
+        parser.error("--steps and --batch-size must be positive")
+    if args.resume and args.overwrite:
+        parser.error("--resume and --overwrite contradict each other")
+    if args.out is None:
+        name = os.path.basename(os.path.normpath(args.unlabeled)).replace("/", "_")
+        args.out = os.path.join("runs", name)
+    return args
+
+
+def model_config_from_arguments(args, encoder):
+    overrides = {name: value for name, value in
+                 dict(time_every=args.time_every, head=args.head, k_max=args.k_max).items() if value is not None}
+    config = DynamicsConfig.preset(args.preset, token_dim=encoder.token_dim, num_tokens=encoder.num_tokens,
+                                   **overrides)
+    return dataclasses.replace(config, max_frames=max(config.max_frames, args.clip_length))
+
+
+# ----------------------------------------------------------------------------------------------
+# Set-up: distributed, data, encoder, statistics.
+
+
+def setup_distributed(args):
+    """Under torchrun (RANK/WORLD_SIZE in the environment) join the process group."""
+    if "RANK" not in os.environ:
+        return 0, 1
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    on_gpu = args.device.startswith("cuda")
+    if on_gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        args.device = f"cuda:{torch.cuda.current_device()}"
+    dist.init_process_group("nccl" if on_gpu else "gloo")
+    return rank, world_size
+
+
+def prepare_toy_data(args, parser):
+    """The embedded default: toy datasets written by sim.py and a tiny random DINOv2, created once
+    (each only where the user did not name their own)."""
+    if args.labeled is None or args.unlabeled is None:
+        labeled, unlabeled = sim.ensure_toy_datasets()
+        args.labeled, args.unlabeled = args.labeled or labeled, args.unlabeled or unlabeled
+    if args.encoder == parser.get_default("encoder"):
+        args.encoder = encoder_module.ensure_tiny_dinov2()
+
+
+def build_datasets(args, image_size):
+    """Training and validation ClipDatasets for both roles, split by episode."""
+    caches = args.feature_cache or (None, None)
+    datasets = {}
+    for role, source, cache in (("labeled", args.labeled, caches[0]), ("unlabeled", args.unlabeled, caches[1])):
+        common = dict(role=role, camera_key=args.camera_key, state_keys=tuple(args.state_keys),
+                      clip_length=args.clip_length, frame_stride=args.frame_stride,
+                      image_size=image_size, streaming=args.streaming, feature_cache=cache)
+        full = data.ClipDataset(source, **common)
+        train_episodes, val_episodes = data.split_episodes(full.episodes, args.val_fraction, args.seed)
+        datasets[role] = (data.ClipDataset(source, episodes=train_episodes, **common),
+                          data.ClipDataset(source, episodes=val_episodes, **common))
+    return datasets
+
+
+def make_loader(datasets, args, split, rank, start_step=0):
+    index = 0 if split == "train" else 1
+    seed = args.seed if split == "train" else args.seed + 1_000_000
+    return data.MixedLoader(datasets["labeled"][index], datasets["unlabeled"][index],
+                            labeled_fraction=args.labeled_fraction, batch_size=args.batch_size,
+                            seed=seed, num_workers=args.num_workers, rank=rank,
+                            start_step=start_step)
+
+
+@torch.no_grad()
+def encode_batch(batch, frozen_encoder, device):
+    """Raw tokens (B, T, N, D) of a batch: from the feature cache, or by running DINOv2 now."""
+    if "tokens" in batch:
+        return batch["tokens"].to(device, torch.float32)
+    frames = batch["frames"].to(device)  # (B, T, 3, H, W)
+    batch_size, clip_length = frames.shape[:2]
+    tokens = frozen_encoder(frames.flatten(0, 1))  # (B*T, N, D)
+    return tokens.unflatten(0, (batch_size, clip_length)).float()
+
+
+# ----------------------------------------------------------------------------------------------
+# The run.
+
+
+class StopRequest:
+    """While active, Ctrl-C / SIGTERM only set a flag: the loop finishes its step, saves a checkpoint
+    and exits cleanly. The previous handlers come back on exit."""
+
+    def __enter__(self):
+        self.signal_name = None
+        self.previous = {number: signal.signal(number, self.handle) for number in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signal_number, frame):
+        if self.signal_name is not None:  # asked twice: stop now, without waiting for the step
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signal_number).name
+
+    def __exit__(self, *exception):
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+
+def check_output_folder(args, rank):
+    checkpoint_path = os.path.join(args.out, "checkpoint.pt")
+    if rank == 0:
+        try:
+            os.makedirs(args.out, exist_ok=True)
+            probe = os.path.join(args.out, f".write-test-{os.getpid()}")
+            open(probe, "w").close()
+            os.remove(probe)
+        except OSError as error:
+            raise SystemExit(f"error: cannot write to output folder {args.out!r}: {error.strerror}")
+        if os.path.exists(checkpoint_path) and not args.resume and not args.overwrite:
+            raise SystemExit(f"error: {checkpoint_path} already exists; continue it with --resume "
+                             f"{checkpoint_path}, start afresh with --overwrite, or choose another --out")
+    return checkpoint_path
+
+
+def train(args):
+    rank, world_size = setup_distributed(args)
+    torch.manual_seed(args.seed)
+    resumed = None
+    if args.resume:
+        try:
+            resumed = load_safely(args.resume)
+        except CheckpointError as error:
+            raise SystemExit(f"error: {error}")
+        if resumed["train_args"]["preset"] != args.preset or resumed["toy"] != args.toy:
+            raise SystemExit(f"error: {args.resume} was trained with preset "
+                             f"{resumed['train_args']['preset']!r} (toy={resumed['toy']}); this run asks for "
+                             f"{args.preset!r} (toy={args.toy}): pass the same data and --preset to resume")
+    checkpoint_path = check_output_folder(args, rank)
+    if args.toy:
+        if rank == 0:
+            prepare_toy_data(args, build_argument_parser())
+        if world_size > 1:
+            dist.barrier()
+        if rank != 0:
+            prepare_toy_data(args, build_argument_parser())  # now only fills in paths: rank 0 wrote the files
+    device = torch.device(args.device)
+
+    try:
+        frozen_encoder = encoder_module.Encoder(args.encoder, pool=args.pool).to(device)
+        datasets = build_datasets(args, frozen_encoder.image_size)
+    except (data.DatasetError, OSError, ValueError) as error:
+        raise SystemExit(f"error: {error}")
+
+    # Statistics: from the checkpoint when resuming, else measured on the training data (rank 0's
+    # view is enough; every rank computes the same numbers because the draws are seeded alike).
+    if resumed is not None:
+        action_stats = data.ActionStats(**resumed["action_stats"])
+        token_stats = encoder_module.TokenStats(**resumed["token_stats"])
+    else:
+        action_stats = data.ActionStats.from_dataset(datasets["labeled"][0])
+        stats_loader = make_loader(datasets, args, "train", rank=0, start_step=10_000_000)
+        token_stats = encoder_module.compute_token_stats(
+            (encode_batch(batch, frozen_encoder, device) for batch in stats_loader),
+            max_batches=args.stats_batches)
+
+    config = model_config_from_arguments(args, frozen_encoder)
+    if resumed is not None and resumed["model_config"] != dataclasses.asdict(config):
+        raise SystemExit(f"error: {args.resume} holds a model of another configuration; resume with the "
+                         f"flags it was trained with")
+    model = DynamicsModel(config).to(device)
+    ema_model = DynamicsModel(config).to(device).eval() if args.ema > 0 else None
+    if ema_model is not None:
+        ema_model.load_state_dict(model.state_dict())
+        ema_model.requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                                  betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: learning_rate_factor(step, args.warmup, args.steps))
+    start_step = 0
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+        if ema_model is not None and resumed["ema"] is not None:
+            ema_model.load_state_dict(resumed["ema"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        start_step = resumed["step"]
+    if rank == 0:
+        print(f"model: preset {args.preset}, {model.num_parameters() / 1e6:.2f} M parameters, "
+              f"{config.num_tokens} tokens x {config.token_dim} per frame; device {device}, {world_size} rank(s)")
+
+    trained_model = model
+    if args.compile:
+        trained_model = torch.compile(trained_model)
+    if world_size > 1:
+        trained_model = torch.nn.parallel.DistributedDataParallel(
+            trained_model, device_ids=[device.index] if device.type == "cuda" else None)
+        trained_model.config = config  # the loss reads model.config (k_max, shapes) through the wrapper
+    use_bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+
+    def batch_loss(batch, step_generator, network):
+        tokens = token_stats.normalize(encode_batch(batch, frozen_encoder, device))  # (B, T, N, D)
+        action_mask = batch["action_mask"].to(device)  # (B,)
+        actions = action_stats.normalize(batch["actions"].to(device)) * action_mask[:, None, None]
+        with autocast():
+            return shortcut_forcing_loss(
+                network, tokens, actions, action_mask, k_max=config.k_max,
+                bootstrap_fraction=args.bootstrap_fraction,
+                ema_model=ema_model if args.ema_bootstrap else None, pred=args.pred,
+                ramp=not args.no_ramp, mode=args.mode, generator=step_generator)
+
+    def make_checkpoint(step):
+        return dict(format=CHECKPOINT_FORMAT, step=step, toy=args.toy,
+                    model=model.state_dict(), ema=None if ema_model is None else ema_model.state_dict(),
+                    optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                    model_config=dataclasses.asdict(config),
+                    train_args={key: value for key, value in vars(args).items()},
+                    action_stats=dict(mean=action_stats.mean, std=action_stats.std),
+                    token_stats=dict(mean=token_stats.mean, std=token_stats.std),
+                    encoder=dict(name_or_path=args.encoder, pool=args.pool))
+
+    @torch.no_grad()
+    def validation_loss():
+        network = ema_model if ema_model is not None else model
+        losses = []
+        for index, batch in zip(range(args.val_batches), make_loader(datasets, args, "val", rank)):
+            generator = torch.Generator(device).manual_seed(args.seed + 7_777_777 + index)
+            losses.append(batch_loss(batch, generator, network)[0].item())
+        return sum(losses) / len(losses)
+
+    log_file = open(os.path.join(args.out, "log.jsonl"), "a") if rank == 0 else None
+    wandb_run = None
+    if args.wandb and rank == 0:
+        import wandb  # only imported, and only contacted, when asked for
+        wandb_run = wandb.init(project=args.wandb, config=vars(args), resume="allow")
+
+    loader = make_loader(datasets, args, "train", rank, start_step=start_step)
+    progress = tqdm(total=args.steps, initial=start_step, disable=rank != 0, dynamic_ncols=True)
+    frames_per_step = args.batch_size * args.clip_length * world_size
+    timer, step = time.perf_counter(), start_step
+    model.train()
+    with StopRequest() as stop:
+        for step, batch in zip(range(start_step, args.steps), loader):
+            generator = torch.Generator(device).manual_seed(args.seed * 1_000_003 + rank * 7919 + step)
+            loss, parts = batch_loss(batch, generator, trained_model)
+            if not torch.isfinite(loss):
+                raise SystemExit(f"error: the loss became {loss.item()} at step {step}; stopping. The last good "
+                                 f"checkpoint ({checkpoint_path}) is intact.")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            gradient_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            if ema_model is not None:
+                update_ema(ema_model, model, args.ema)
+            done = step + 1
+
+            if rank == 0 and (done % args.log_every == 0 or done == args.steps):
+                elapsed = time.perf_counter() - timer
+                record = dict(step=done, loss=loss.item(), flow=float(parts["flow"]),
+                              bootstrap=float(parts["bootstrap"]), grad_norm=gradient_norm.item(),
+                              lr=scheduler.get_last_lr()[0],
+                              frames_per_s=frames_per_step * min(args.log_every, done - start_step) / elapsed)
+                if args.val_every and (done % args.val_every == 0 or done == args.steps):
+                    record["val_loss"] = validation_loss()
+                timer = time.perf_counter()  # validation time does not count against throughput
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+                if wandb_run is not None:
+                    wandb_run.log(record, step=done)
+                progress.set_postfix(loss=f"{record['loss']:.4f}", flow=f"{record['flow']:.4f}",
+                                     boot=f"{record['bootstrap']:.4f}", lr=f"{record['lr']:.1e}",
+                                     fps=f"{record['frames_per_s']:.0f}")
+            progress.update(1)
+            if rank == 0 and (done % args.save_every == 0 or done == args.steps or stop.signal_name):
+                save_atomic(make_checkpoint(done), checkpoint_path)
+            if stop.signal_name:
+                break
+    progress.close()
+    if world_size > 1:
+        dist.destroy_process_group()
+    if rank == 0:
+        log_file.close()
+        if stop.signal_name:
+            print(f"{stop.signal_name}: stopped after step {step + 1}; checkpoint {checkpoint_path}. "
+                  f"Continue with: python train.py ... --resume {checkpoint_path}")
+            return 130
+        print(f"checkpoint: {checkpoint_path} (step {args.steps})")
+        if args.toy:
+            from plan import write_goal_images  # imported here: plan.py itself imports train.py
+            goals_dir = write_goal_images(os.path.join(args.out, "goals"), n=4, seed=args.seed)
+            print(f"next: python plan.py --goal {os.path.join(goals_dir, 'goal_0.png')}   "
+                  f"(closed-loop MPC in the toy world)\n      python eval.py --checkpoint {checkpoint_path}")
+        else:
+            print(f"next: python plan.py --checkpoint {checkpoint_path} --goal GOAL.png --obs NOW.png")
+    return 0
+
+
+def main(argv=None):
+    return train(parse_arguments(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

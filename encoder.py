@@ -57,7 +57,7 @@ class Encoder(nn.Module):
         from transformers import AutoModel
         try:
             self.model = AutoModel.from_pretrained(name_or_path, trust_remote_code=False)
-        except OSError as error:
+        except (OSError, ValueError) as error:  # missing folder, unknown or malformed hub id, offline
             raise OSError(f"cannot load DINOv2 {name_or_path!r}: {str(error).splitlines()[0]}") from None
         config = self.model.config
         if config.model_type not in ("dinov2", "dinov2_with_registers"):
@@ -191,6 +191,17 @@ def write_feature_cache(source, out, encoder, camera_key, batch_size=64, num_wor
         shutil.rmtree(out)
     os.replace(partial, out)
     return out, position / seconds
+
+
+def ensure_feature_cache(source, out, name_or_path, pool, camera_key):
+    """A feature cache of `source` for this encoder and pooling, written only if missing or stale."""
+    meta_path = os.path.join(out, "meta.json")
+    if os.path.isfile(meta_path):
+        with open(meta_path) as file:
+            meta = json.load(file)
+        if (meta["encoder"], meta["pool"], meta["camera_key"]) == (name_or_path, pool, camera_key):
+            return out
+    return write_feature_cache(source, out, Encoder(name_or_path, pool), camera_key)[0]
 
 
 def main(argv=None):

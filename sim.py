@@ -202,6 +202,7 @@ def pose_error(pose, goal):
 def write_toy_dataset(root, episodes, steps_per_episode=40, seed=0, repo_id="toy/ee_world"):
     """A LeRobot v3.0 dataset of `episodes` random smooth trajectories. `action[t]` is the delta EE
     from frame t to t+1 (zero on the last frame). Written into `<root>.partial`, renamed when done."""
+    os.environ.setdefault("SVT_LOG", "1")  # the AV1 encoder prints its whole configuration otherwise
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
     features = {
         CAMERA_KEY: {"dtype": "video", "shape": (IMAGE_SIZE, IMAGE_SIZE, 3), "names": ["height", "width", "channels"]},

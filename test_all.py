@@ -2,6 +2,8 @@
 on any failure. Tests run offline: they build a tiny DINOv2 from a config and write tiny toy datasets
 with lerobot itself (sim.py), then load both through the same code paths a hub id would take."""
 import os
+import signal
+import subprocess
 import sys
 
 # Offline and reproducible before anything imports huggingface or torch.
@@ -42,10 +44,242 @@ def toy_unlabeled_root(tmp_path_factory):
 
 
 # ==== sim ====
+import sim as sim_module
+import data as data_module
+
+
+def test_sim_every_dimension_changes_the_picture_deterministically():
+    centre = (sim_module.WORKSPACE_LOW + sim_module.WORKSPACE_HIGH) / 2
+    base = sim_module.render(centre)
+    assert base.shape == (64, 64, 3) and base.dtype == np.uint8
+    assert np.array_equal(base, sim_module.render(centre.copy()))  # deterministic
+    for dimension in range(7):
+        pose = centre.copy()
+        pose[dimension] += 0.3 * (sim_module.WORKSPACE_HIGH[dimension] - centre[dimension])
+        changed = np.abs(sim_module.render(pose).astype(int) - base).sum(-1) > 30
+        assert changed.sum() >= 20, f"dimension {dimension} barely changes the image"
+    background = sim_module.render_batch(np.stack([centre, centre]))[0]
+    assert np.array_equal(background, base) and base.std() > 10  # textured, and batch == single
+
+
+def test_sim_step_round_trips_through_delta_ee_and_clips_to_workspace():
+    rng = np.random.default_rng(0)
+    pose = sim_module.random_pose(rng)
+    for action in sim_module.smooth_actions(rng, 30):
+        new_pose = sim_module.step(pose, action)
+        inside = np.all((new_pose > sim_module.WORKSPACE_LOW + 1e-9) & (new_pose < sim_module.WORKSPACE_HIGH - 1e-9))
+        if inside:
+            assert np.allclose(data_module.delta_ee(pose, new_pose), action, atol=1e-9)
+        pose = new_pose
+    far = sim_module.step(pose, np.array([1.0, -1.0, 1.0, 0, 0, 0, 5.0]))
+    assert np.all(far >= sim_module.WORKSPACE_LOW) and np.all(far <= sim_module.WORKSPACE_HIGH)
+    assert sim_module.pose_error(far, far) == (0.0, 0.0, 0.0)
+
+
+def test_sim_writes_real_lerobot_datasets_with_droid_keys(toy_labeled_root, toy_unlabeled_root):
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+    dataset = LeRobotDataset("local/labeled", root=toy_labeled_root)
+    assert dataset.meta.total_episodes == 5 and dataset.meta.fps == sim_module.FPS
+    for key in ("observation.images.exterior_1_left", "observation.state.cartesian_position",
+                "observation.state.gripper_position", "action"):
+        assert key in dataset.meta.features
+    item = dataset[3]
+    assert item["observation.images.exterior_1_left"].shape == (3, 64, 64)
+    other = LeRobotDataset("local/unlabeled", root=toy_unlabeled_root)
+    assert not torch.equal(other[3]["observation.state.cartesian_position"],
+                           item["observation.state.cartesian_position"])  # different seeds, different episodes
+    # the recorded actions are the delta EE between consecutive recorded states
+    states = np.concatenate([np.stack([dataset[i]["observation.state.cartesian_position"].numpy() for i in range(20)]),
+                             np.stack([dataset[i]["observation.state.gripper_position"].numpy().reshape(1)
+                                       for i in range(20)])], 1)
+    recorded = np.stack([dataset[i]["action"].numpy() for i in range(19)])
+    assert np.allclose(data_module.delta_ee(states[:-1], states[1:]), recorded, atol=1e-4)
+
 
 # ==== data ====
 
+
+def test_data_delta_ee_known_rotations_and_wraparound():
+    still = np.zeros(7)
+    yawed = np.array([0.1, 0.0, 0.0, 0.0, 0.0, 0.3, 0.5])
+    assert np.allclose(data_module.delta_ee(still, yawed), [0.1, 0, 0, 0, 0, 0.3, 0.5])
+    # across the ±π wrap-around: yaw 3.1 -> -3.1 is a +0.083 rad turn about z, not -6.2
+    before, after = np.array([0, 0, 0, 0, 0, 3.1, 0]), np.array([0, 0, 0, 0, 0, -3.1, 0])
+    assert np.allclose(data_module.delta_ee(before, after)[3:6], [0, 0, 2 * np.pi - 6.2], atol=1e-12)
+    # a roll of 0.2 applied to a pose yawed by 90 degrees: ΔR is expressed in the base frame
+    pose = np.array([0, 0, 0, 0.0, 0.0, np.pi / 2, 0])
+    rolled = data_module.apply_delta_ee(pose, np.array([0, 0, 0, 0.2, 0, 0, 0]))
+    matrix = data_module.euler_to_matrix(rolled[3:6]) @ data_module.euler_to_matrix(pose[3:6]).T
+    assert np.allclose(matrix, data_module.rotvec_to_matrix(np.array([0.2, 0, 0])))
+    rng = np.random.default_rng(0)
+    states = np.concatenate([rng.normal(size=(500, 3)), rng.uniform(-np.pi, np.pi, (500, 3)), rng.uniform(0, 1, (500, 1))], 1)
+    states[:, 4] = rng.uniform(-1.5, 1.5, 500)  # pitch away from gimbal lock
+    axes = rng.normal(size=(500, 3))
+    turns = axes / np.linalg.norm(axes, axis=1, keepdims=True) * rng.uniform(0, 3.1, (500, 1))  # angles < π: unique
+    actions = np.concatenate([rng.normal(size=(500, 3)), turns, rng.normal(size=(500, 1))], 1)
+    assert np.allclose(data_module.delta_ee(states, data_module.apply_delta_ee(states, actions)), actions, atol=1e-9)
+    near_pi = rng.normal(size=(100, 3))
+    near_pi *= (np.pi - 1e-4) / np.linalg.norm(near_pi, axis=1, keepdims=True)
+    assert np.allclose(data_module.matrix_to_rotvec(data_module.rotvec_to_matrix(near_pi)), near_pi, atol=1e-6)
+
+
+def test_data_clips_stay_inside_episodes_with_derived_actions(toy_labeled_root):
+    clips = data_module.ClipDataset(toy_labeled_root, "labeled", clip_length=4, frame_stride=3, image_size=32)
+    # 5 episodes of 20 frames, a clip spans 10 frames: 11 starts per episode
+    assert len(clips) == 5 * 11
+    for k in range(len(clips)):
+        rows = clips.starts[k] + 3 * np.arange(4)
+        assert len(set(clips.episode_of_row[rows])) == 1
+    item = clips[13]
+    assert item["frames"].shape == (4, 3, 32, 32) and 0 <= item["frames"].min() and item["frames"].max() <= 1
+    rows = clips.starts[13] + 3 * np.arange(4)
+    expected = data_module.delta_ee(clips.states[rows[:-1]], clips.states[rows[1:]])
+    assert torch.allclose(item["actions"][1:], torch.tensor(expected, dtype=torch.float32), atol=1e-6)
+    assert torch.equal(item["actions"][0], torch.zeros(7)) and bool(item["action_mask"])
+    unlabeled = data_module.ClipDataset(toy_labeled_root, "unlabeled", clip_length=4, image_size=32)
+    assert not hasattr(unlabeled, "states") and not unlabeled[0]["action_mask"]
+    assert torch.equal(unlabeled[0]["actions"], torch.zeros(4, 7))
+
+
+def test_data_action_stats_and_episode_split(toy_labeled_root, tmp_path):
+    clips = data_module.ClipDataset(toy_labeled_root, "labeled", clip_length=2, image_size=32)
+    stats = data_module.ActionStats.from_dataset(clips)
+    assert stats.mean.shape == (7,) and torch.all(stats.std > 0)
+    stats.save(tmp_path / "actions.json")
+    loaded = data_module.ActionStats.load(tmp_path / "actions.json")
+    assert torch.equal(loaded.mean, stats.mean) and torch.equal(loaded.std, stats.std)
+    actions = torch.randn(3, 7)
+    assert torch.allclose(stats.denormalize(stats.normalize(actions)), actions, atol=1e-5)
+    train_episodes, val_episodes = data_module.split_episodes(range(10), 0.2, seed=0)
+    assert len(val_episodes) == 2 and not set(train_episodes) & set(val_episodes)
+    assert sorted(train_episodes + val_episodes) == list(range(10))
+    assert data_module.split_episodes(range(10), 0.2, seed=0) == (train_episodes, val_episodes)
+
+
+def test_data_mixer_fraction_masks_and_determinism(toy_labeled_root, toy_unlabeled_root):
+    labeled = data_module.ClipDataset(toy_labeled_root, "labeled", clip_length=2, image_size=16)
+    unlabeled = data_module.ClipDataset(toy_unlabeled_root, "unlabeled", clip_length=2, image_size=16)
+    loader = data_module.MixedLoader(labeled, unlabeled, labeled_fraction=0.25, batch_size=16, seed=3)
+    masks = []
+    for _, batch in zip(range(40), loader):
+        mask = batch["action_mask"]
+        masks.append(mask)
+        assert batch["frames"].shape == (16, 2, 3, 16, 16)
+        assert torch.all(batch["actions"][~mask] == 0)  # unlabelled samples never carry actions
+        labelled_episodes = set(labeled.episodes)
+        assert all(int(e) in labelled_episodes for e in batch["episode_index"][mask])
+    fraction = torch.cat(masks).float().mean().item()
+    assert abs(fraction - 0.25) < 0.05, fraction  # 640 draws: 3 standard deviations ≈ 0.05
+    resumed = next(iter(data_module.MixedLoader(labeled, unlabeled, 0.25, 16, seed=3, start_step=39)))
+    assert torch.equal(resumed["frames"], batch["frames"]) and torch.equal(resumed["action_mask"], mask)
+    other_rank = next(iter(data_module.MixedLoader(labeled, unlabeled, 0.25, 16, seed=3, rank=1, start_step=39)))
+    assert not torch.equal(other_rank["frames"], batch["frames"])
+    default = data_module.MixedLoader(labeled, unlabeled, batch_size=50, seed=0)
+    fraction = torch.cat([b["action_mask"] for _, b in zip(range(20), default)]).float().mean().item()
+    assert 0.02 < fraction < 0.08  # the default 5 %
+
+
+def _write_dataset_with_nan_state(root):
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+    features = {sim_module.CAMERA_KEY: {"dtype": "video", "shape": (64, 64, 3), "names": ["height", "width", "channels"]},
+                sim_module.POSITION_KEY: {"dtype": "float32", "shape": (6,), "names": None},
+                sim_module.GRIPPER_KEY: {"dtype": "float32", "shape": (1,), "names": None}}
+    dataset = LeRobotDataset.create("local/nan", 15, features, root=root)
+    for t in range(6):
+        position = np.full(6, np.nan if t == 4 else 0.0, dtype=np.float32)
+        dataset.add_frame({sim_module.CAMERA_KEY: np.zeros((64, 64, 3), np.uint8), sim_module.POSITION_KEY: position,
+                           sim_module.GRIPPER_KEY: np.zeros(1, np.float32), "task": "t"})
+    dataset.save_episode()
+    dataset.finalize()
+    return root
+
+
+def test_data_bad_input_gives_one_clear_error(toy_labeled_root, tmp_path):
+    error = data_module.DatasetError
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(error, match="not a LeRobot dataset"):
+        data_module.ClipDataset(str(tmp_path / "empty"))
+    with pytest.raises(error, match="cannot reach dataset 'nobody/nothing'.*local folder"):
+        data_module.ClipDataset("nobody/nothing")
+    with pytest.raises(error, match="no camera 'observation.images.wrist'.*observation.images.exterior_1_left"):
+        data_module.ClipDataset(toy_labeled_root, camera_key="observation.images.wrist")
+    with pytest.raises(error, match="lacks state 'observation.state.joint_position'.*observation.state"):
+        data_module.ClipDataset(toy_labeled_root, state_keys=("observation.state.joint_position",))
+    data_module.ClipDataset(toy_labeled_root, "unlabeled", state_keys=("observation.state.joint_position",),
+                            image_size=16)  # action-free video needs no state
+    with pytest.raises(error, match="no episode .* has the 25 frames"):
+        data_module.ClipDataset(toy_labeled_root, clip_length=25)
+    with pytest.raises(error, match="NaN"):
+        data_module.ClipDataset(_write_dataset_with_nan_state(str(tmp_path / "nan")), clip_length=2, image_size=16)
+    result = subprocess.run([sys.executable, os.path.join(HERE, "encoder.py"), "--dataset", str(tmp_path / "empty"),
+                             "--out", str(tmp_path / "cache")], capture_output=True, text=True)
+    assert result.returncode != 0 and result.stderr.strip().splitlines()[-1].startswith("error:")
+    assert not (tmp_path / "cache").exists()
+
+
 # ==== encoder ====
+import encoder as encoder_module
+
+
+def test_encoder_frozen_patch_tokens_normalised_and_pooled(tiny_dinov2_dir):
+    from transformers import AutoModel
+    encoder = encoder_module.Encoder(tiny_dinov2_dir, pool=2)
+    assert (encoder.num_tokens, encoder.token_dim, encoder.grid, encoder.image_size) == (16, 64, (4, 4), 64)
+    assert all(not parameter.requires_grad for parameter in encoder.parameters())
+    encoder.train()
+    assert not encoder.model.training  # frozen: stays in eval mode
+    frames = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    tokens = encoder(frames)
+    assert tokens.shape == (3, 16, 64) and not tokens.requires_grad
+    # the same numbers by hand: ImageNet normalisation, drop CLS + 4 registers, average 2x2 patches
+    reference = AutoModel.from_pretrained(tiny_dinov2_dir).eval()
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        hidden = reference(pixel_values=(frames - mean) / std).last_hidden_state[:, 5:]  # (3, 64, 64)
+    grid = hidden.reshape(3, 8, 8, 64)
+    pooled = grid.reshape(3, 4, 2, 4, 2, 64).mean(dim=(2, 4)).reshape(3, 16, 64)
+    assert torch.allclose(tokens, pooled, atol=1e-5)
+    assert torch.allclose(encoder_module.Encoder(tiny_dinov2_dir)(frames), hidden, atol=1e-5)
+    # frames of another size are resized to the model's input
+    assert encoder(torch.rand(1, 3, 90, 90)).shape == (1, 16, 64)
+
+
+def test_encoder_without_registers_and_bad_names(tmp_path):
+    from transformers import Dinov2Config, Dinov2Model
+    Dinov2Model(Dinov2Config(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                             intermediate_size=64)).save_pretrained(tmp_path / "plain")
+    encoder = encoder_module.Encoder(str(tmp_path / "plain"))
+    assert encoder(torch.rand(2, 3, 32, 32)).shape == (2, 16, 32)  # only the CLS token dropped
+    with pytest.raises(OSError, match="cannot load DINOv2"):
+        encoder_module.Encoder(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="pool 3"):
+        encoder_module.Encoder(str(tmp_path / "plain"), pool=3)
+
+
+def test_encoder_token_stats_and_feature_cache(tiny_dinov2_dir, toy_labeled_root, tmp_path):
+    batches = [torch.randn(4, 16, 64) * 3 + 1 for _ in range(3)]
+    stats = encoder_module.compute_token_stats(iter(batches), max_batches=2)
+    flat = torch.cat(batches[:2]).reshape(-1, 64)
+    assert torch.allclose(stats.mean, flat.mean(0), atol=1e-4)
+    assert torch.allclose(stats.std, flat.std(0, unbiased=False), atol=1e-4)
+    stats.save(tmp_path / "stats.json")
+    assert torch.equal(encoder_module.TokenStats.load(tmp_path / "stats.json").std, stats.std)
+    normalised = stats.normalize(flat)
+    assert normalised.mean(0).abs().max() < 1e-3
+    result = subprocess.run([sys.executable, os.path.join(HERE, "encoder.py"), "--dataset", toy_labeled_root,
+                             "--encoder", tiny_dinov2_dir, "--pool", "2", "--out", str(tmp_path / "cache")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    cached = data_module.ClipDataset(toy_labeled_root, "labeled", clip_length=3, feature_cache=str(tmp_path / "cache"))
+    live = data_module.ClipDataset(toy_labeled_root, "labeled", clip_length=3, image_size=64)
+    encoder = encoder_module.Encoder(tiny_dinov2_dir, pool=2)
+    for k in (0, 17, len(live) - 1):
+        assert cached[k]["tokens"].shape == (3, 16, 64) and "frames" not in cached[k]
+        assert torch.allclose(cached[k]["tokens"], encoder(live[k]["frames"]), atol=2e-2)
+        assert torch.equal(cached[k]["actions"], live[k]["actions"])
+    with pytest.raises(data_module.DatasetError, match="not a feature cache"):
+        data_module.ClipDataset(toy_labeled_root, feature_cache=str(tmp_path))
+
 
 # ==== dynamics ====
 
@@ -391,9 +625,6 @@ def test_shortcut_learns_tiny_sequence_task():
     assert error_to_nearest_mode(4) < 0.75 * error_to_nearest_mode(1)
 
 # ==== train ====
-import signal
-import subprocess
-
 import train as train_module
 
 
@@ -559,8 +790,8 @@ import decode as decode_module
 
 def _decode_argv(toy_labeled_root, toy_unlabeled_root, tiny_dinov2_dir, out, steps, *extra):
     return ["--train", "--dataset", str(toy_labeled_root), str(toy_unlabeled_root), "--encoder", str(tiny_dinov2_dir),
-            "--pool", "2", "--steps", str(steps), "--batch-size", "16", "--warmup", "5", "--val-every", "10",
-            "--save-every", "10", "--val-frames", "32", "--stats-batches", "2", "--val-fraction", "0.25",
+            "--pool", "2", "--steps", str(steps), "--batch-size", "16", "--warmup", "5", "--val-every", "50",
+            "--save-every", "10", "--val-frames", "40", "--stats-batches", "2", "--val-fraction", "0.25",
             "--out", str(out), *extra]
 
 
@@ -568,7 +799,7 @@ def _decode_argv(toy_labeled_root, toy_unlabeled_root, tiny_dinov2_dir, out, ste
 def toy_decoder_run(tmp_path_factory, toy_labeled_root, toy_unlabeled_root, tiny_dinov2_dir):
     """One short decoder training run on the toy world that the other decode tests read."""
     out = tmp_path_factory.mktemp("decoder")
-    argv = _decode_argv(toy_labeled_root, toy_unlabeled_root, tiny_dinov2_dir, out, 60)
+    argv = _decode_argv(toy_labeled_root, toy_unlabeled_root, tiny_dinov2_dir, out, 150)
     assert decode_module.main(argv) == 0
     return argv, out
 
@@ -587,7 +818,7 @@ def test_decode_shapes_and_renormalisation():
     as_other = other.normalize(stats.denormalize(tokens))
     assert torch.allclose(decoder.decode(as_other, token_stats=other), images, atol=1e-4)
     # DROID size: DINOv2-S at 224 px, 16 x 16 tokens of 384, 14 px per token.
-    config = decode_module.DecoderConfig.preset("base", token_dim=384, grid=(16, 16), image_size=224)
+    config = decode_module.DecoderConfig.preset("base", token_dim=384, grid=(16, 16), image_size=224, depth=1)
     base = decode_module.Decoder(config, TokenStats(torch.zeros(384), torch.ones(384)))
     assert base(torch.randn(1, 256, 384)).shape == (1, 3, 224, 224)
 
@@ -608,9 +839,10 @@ def test_decode_training_beats_start_and_mean_image(toy_decoder_run):
     argv, out = toy_decoder_run
     records = [json.loads(line) for line in open(out / "log.jsonl")]
     start, end = records[0], records[-1]
-    assert start["step"] == 0 and end["step"] == 60
-    assert end["val_l1"] < 0.5 * start["val_l1"]
-    assert end["val_l1"] < 0.75 * end["baseline_l1"] and end["val_psnr"] > end["baseline_psnr"] + 1.0
+    assert start["step"] == 0 and end["step"] == 150
+    # The untrained decoder paints its canvas, the training mean image: it starts at the baseline.
+    assert abs(start["val_l1"] - start["baseline_l1"]) < 2e-3
+    assert end["val_l1"] < 0.8 * start["val_l1"] and end["val_psnr"] > end["baseline_psnr"] + 1.5
     encoder = {"name_or_path": argv[argv.index("--encoder") + 1], "pool": 2}  # the tokens' encoder: accepted
     decoder, checkpoint = decode_module.load_decoder(str(out / "checkpoint.pt"), encoder=encoder)
     assert not decoder.training and checkpoint["metrics"] == end and (out / "recon.png").exists()
@@ -619,7 +851,7 @@ def test_decode_training_beats_start_and_mean_image(toy_decoder_run):
 def test_decode_ctrl_c_then_resume_matches_uninterrupted(toy_decoder_run, tmp_path, monkeypatch):
     import signal
     argv, reference = toy_decoder_run
-    short = [value if value != "60" else "20" for value in argv]
+    short = [value if value != "150" else "20" for value in argv]
     first = tmp_path / "uninterrupted"
     assert decode_module.main([value if value != str(reference) else str(first) for value in short]) == 0
     out = tmp_path / "interrupted"

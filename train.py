@@ -241,11 +241,18 @@ def setup_distributed(args):
 def prepare_toy_data(args, parser):
     """The embedded default: toy datasets written by sim.py and a tiny random DINOv2, created once
     (each only where the user did not name their own)."""
+    demo_data = args.labeled is None and args.unlabeled is None
     if args.labeled is None or args.unlabeled is None:
         labeled, unlabeled = sim.ensure_toy_datasets()
         args.labeled, args.unlabeled = args.labeled or labeled, args.unlabeled or unlabeled
     if args.encoder == parser.get_default("encoder"):
         args.encoder = encoder_module.ensure_tiny_dinov2()
+    if demo_data and args.feature_cache is None:
+        # Encode the demo's frames once (seconds) instead of decoding video and running DINOv2 every
+        # step: the same path a DROID user takes with `python encoder.py` and --feature-cache.
+        args.feature_cache = [encoder_module.ensure_feature_cache(
+            root, os.path.join(os.path.dirname(root), "features", os.path.basename(root)), args.encoder,
+            args.pool, args.camera_key) for root in (args.labeled, args.unlabeled)]
 
 
 def build_datasets(args, image_size):

@@ -282,34 +282,63 @@ class ClipDataset(torch.utils.data.Dataset):
             item["actions"] = torch.zeros(self.clip_length, 7)
         return item
 
-    # Streaming: frames arrive in a shuffled stream (lerobot's buffer shuffle); clips that would cross
-    # an episode boundary (padded by lerobot) are skipped.
+    # Streaming. lerobot 0.4.4's StreamingLeRobotDataset cannot serve clips itself: it seeks video
+    # frames by the dataset-global index, which crashes or returns another episode's frames once a
+    # dataset spans several video files, as DROID does (lerobot issues #3080, #4524); it ignores
+    # `episodes`; and delta_timestamps fail on 1-number features such as the gripper. So it serves
+    # only the parquet rows here (its `hf_dataset`, read in file order: episodes arrive whole), and
+    # each clip's frames are decoded at the episode's file-relative timestamps, as LeRobotDataset does.
     def open_stream(self, repo_id, root, keys):
-        self.stream_source = dict(repo_id=repo_id, root=root, episodes=self.episodes,
-                                  delta_timestamps={key: self.offsets for key in keys})
+        self.stream_source = dict(repo_id=repo_id, root=root, decode=self.camera_key in keys)
         self.starts = np.arange(sum(int(self.metadata.episodes["length"][e]) for e in self.episodes))
         self.stream_iterator = None
 
     def stream(self, seed):
+        """Endless clips: each pass visits the parquet shards in a seeded order and, per episode,
+        about one clip per `span` frames at random starts; a pass that yields nothing is an error."""
         from lerobot.datasets.streaming_dataset import StreamingLeRobotDataset
-        dataset = StreamingLeRobotDataset(**self.stream_source, seed=seed)
-        produced = False
-        for frame in dataset:
-            if any(frame[f"{key}_is_pad"].any() for key in self.stream_source["delta_timestamps"]):
-                continue
-            produced = True
-            item = {"episode_index": int(frame["episode_index"]), "action_mask": torch.tensor(self.role == "labeled"),
-                    "frames": square_resize(frame[self.camera_key].float().reshape(
-                        self.clip_length, *frame[self.camera_key].shape[-3:]), self.image_size)}
-            if self.role == "labeled":
-                states = torch.cat([frame[key].reshape(self.clip_length, -1) for key in self.state_keys], 1)
-                item["actions"] = self.clip_actions(states.double().numpy())
-            else:
-                item["actions"] = torch.zeros(self.clip_length, 7)
-            yield item
-        if not produced:
-            raise DatasetError(f"streaming {self.source!r} yielded no clip (torchcodec needs FFmpeg: "
-                               f"apt-get install ffmpeg; or drop --streaming)")
+        from lerobot.datasets.video_utils import decode_video_frames
+        repo_id, root = self.stream_source["repo_id"], self.stream_source["root"]
+        rows = StreamingLeRobotDataset(repo_id, root=root).hf_dataset
+        columns = ["episode_index", "frame_index"] + (list(self.state_keys) if self.role == "labeled" else [])
+        video_root = root if root is not None else self.metadata.url_root
+        span, wanted = (self.clip_length - 1) * self.frame_stride + 1, set(self.episodes)
+        rng = np.random.default_rng(seed)
+
+        def clips(episode, states):  # all rows of one episode have arrived
+            states = np.stack(states)  # (length, 7), or (length, 0) for action-free video
+            if not np.isfinite(states).all():
+                raise DatasetError(f"{self.source!r}: NaN or inf in {'/'.join(self.state_keys)} (episode {episode})")
+            for start in rng.choice(len(states) - span + 1, size=max(1, len(states) // span), replace=False):
+                offsets = start + self.frame_stride * np.arange(self.clip_length)
+                item = {"episode_index": episode, "action_mask": torch.tensor(self.role == "labeled")}
+                if self.stream_source["decode"]:
+                    start_time = self.metadata.episodes[episode][f"videos/{self.camera_key}/from_timestamp"]
+                    times = [float(start_time + offset / self.metadata.fps) for offset in offsets]
+                    path = f"{video_root}/{self.metadata.get_video_file_path(episode, self.camera_key)}"
+                    frames = decode_video_frames(path, times, 1e-4, video_backend())  # (T, 3, h, w)
+                    item["frames"] = square_resize(frames.float(), self.image_size)
+                if self.role == "labeled":
+                    item["actions"] = self.clip_actions(states[offsets])
+                else:
+                    item["actions"] = torch.zeros(self.clip_length, 7)
+                yield item
+
+        for epoch in range(2 ** 62):
+            produced, episode, states = False, None, []
+            for row in rows.select_columns(columns).shuffle(seed=seed + epoch, buffer_size=1):  # shard order only
+                if row["episode_index"] != episode:
+                    if episode in wanted and len(states) >= span:
+                        produced = True
+                        yield from clips(episode, states)
+                    episode, states = row["episode_index"], []
+                states.append(np.concatenate([np.ravel(row[key]) for key in columns[2:]] or [[]]).astype(np.float64))
+            if episode in wanted and len(states) >= span:
+                produced = True
+                yield from clips(episode, states)
+            if not produced:
+                raise DatasetError(f"streaming {self.source!r} yielded no clip (torchcodec needs FFmpeg: "
+                                   f"apt-get install ffmpeg; or drop --streaming)")
 
 
 def open_feature_cache(folder, camera_key, total_frames):

@@ -52,7 +52,7 @@ class Encoder(nn.Module):
     """Frozen DINOv2 patch tokens. Attributes: image_size, token_dim D, num_tokens N, grid (h, w),
     name_or_path, pool."""
 
-    def __init__(self, name_or_path=DEFAULT_ENCODER, pool=1):
+    def __init__(self, name_or_path=DEFAULT_ENCODER, pool=1, image_size=None):
         super().__init__()
         from transformers import AutoModel
         try:
@@ -64,7 +64,12 @@ class Encoder(nn.Module):
             raise OSError(f"{name_or_path!r} is a {config.model_type!r} model, not DINOv2")
         self.model.eval().requires_grad_(False)
         self.name_or_path, self.pool = name_or_path, pool
-        self.image_size, patch = config.image_size, config.patch_size
+        # Released DINOv2 checkpoints declare 518 px (their last pretraining stage: 37x37 = 1369 patches);
+        # they interpolate their position embeddings, so by default frames go in at 224 px (16x16 = 256
+        # patches of 14 px, as DINO-WM and V-JEPA 2-AC use), or at the model's own size when smaller.
+        self.image_size, patch = image_size or min(config.image_size, 224), config.patch_size
+        if self.image_size % patch:
+            raise ValueError(f"image size {self.image_size} is not a multiple of the patch size {patch}")
         side = self.image_size // patch
         if side % pool:
             raise ValueError(f"pool {pool} does not divide the {side}x{side} patch grid")
@@ -161,6 +166,8 @@ def write_feature_cache(source, out, encoder, camera_key, batch_size=64, num_wor
     import data
     frames = data.ClipDataset(source, role="unlabeled", camera_key=camera_key, clip_length=1,
                               image_size=encoder.image_size)
+    if os.path.exists(out) and not os.path.isfile(os.path.join(out, "meta.json")):
+        raise data.DatasetError(f"{out!r} exists and is not a feature cache; choose another --out")
     partial = out.rstrip("/") + ".partial"
     os.makedirs(partial, exist_ok=True)
     total = frames.metadata.total_frames
@@ -211,6 +218,7 @@ def main(argv=None):
     parser.add_argument("--dataset", required=True, help="local LeRobot folder, hub id, or droid/droid_subset")
     parser.add_argument("--encoder", default=DEFAULT_ENCODER, help="DINOv2 hub id or local folder")
     parser.add_argument("--pool", type=int, default=1, help="k x k average pooling of the patch grid")
+    parser.add_argument("--image-size", type=int, help="input size in pixels (default: 224, or the model's if smaller)")
     parser.add_argument("--camera-key", default="observation.images.exterior_1_left")
     parser.add_argument("--out", required=True, help="cache folder to write")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -219,7 +227,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     import data
     try:
-        encoder = Encoder(args.encoder, pool=args.pool).to(args.device)
+        encoder = Encoder(args.encoder, pool=args.pool, image_size=args.image_size).to(args.device)
         out, frames_per_second = write_feature_cache(args.dataset, args.out, encoder, args.camera_key,
                                                      args.batch_size, args.num_workers, args.device)
     except (data.DatasetError, OSError, ValueError) as error:

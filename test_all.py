@@ -96,6 +96,23 @@ def test_sim_writes_real_lerobot_datasets_with_droid_keys(toy_labeled_root, toy_
     assert np.allclose(data_module.delta_ee(states[:-1], states[1:]), recorded, atol=1e-4)
 
 
+
+def test_sim_cli_strip_and_refuses_existing_out(tmp_path, toy_labeled_root):
+    assert sim_module.main(["--strip", str(tmp_path / "strip.png")]) == 0
+    from PIL import Image
+    assert Image.open(tmp_path / "strip.png").size == (8 * 64, 64)  # start pose + one per dimension
+    with pytest.raises(SystemExit, match="error: .* already exists"):
+        sim_module.main(["--out", toy_labeled_root])
+
+
+def test_sim_recorded_frames_show_the_recorded_pose(toy_labeled_root):
+    """The video frames decode back (AV1, lossy) to the render of the state stored beside them."""
+    clips = data_module.ClipDataset(toy_labeled_root, "labeled", clip_length=1, image_size=64)
+    for k in (0, 37, len(clips) - 1):
+        rendered = torch.from_numpy(sim_module.render(clips.states[clips.starts[k]])).permute(2, 0, 1) / 255
+        assert (clips[k]["frames"][0] - rendered).abs().mean() < 0.03
+
+
 # ==== data ====
 
 
@@ -217,6 +234,74 @@ def test_data_bad_input_gives_one_clear_error(toy_labeled_root, tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
+
+def test_data_rotations_match_scipy():
+    Rotation = pytest.importorskip("scipy.spatial.transform").Rotation
+    rng = np.random.default_rng(0)
+    rpy = rng.uniform(-np.pi, np.pi, (200, 3)) * np.array([1, 0.5, 1])
+    assert np.allclose(data_module.euler_to_matrix(rpy), Rotation.from_euler("xyz", rpy).as_matrix(), atol=1e-12)
+    assert np.allclose(data_module.matrix_to_euler(data_module.euler_to_matrix(rpy)), rpy, atol=1e-9)
+    rotvec = Rotation.random(200, random_state=0).as_rotvec()
+    assert np.allclose(data_module.rotvec_to_matrix(rotvec), Rotation.from_rotvec(rotvec).as_matrix(), atol=1e-12)
+    assert np.allclose(data_module.matrix_to_rotvec(Rotation.from_rotvec(rotvec).as_matrix()), rotvec, atol=1e-9)
+
+
+def test_data_droid_aliases_split_episodes_disjointly():
+    _, _, video = data_module.resolve_source("droid", "unlabeled")
+    repo, root, labelled = data_module.resolve_source("droid_subset", "labeled")
+    assert repo == data_module.DROID_REPO and root is None
+    episodes = range(2000)
+    chosen = {e for e in episodes if labelled(e)}
+    assert chosen.isdisjoint({e for e in episodes if video(e)}) and len(chosen) + sum(map(video, episodes)) == 2000
+    assert abs(len(chosen) / 2000 - 0.05) < 0.01
+    with pytest.raises(data_module.DatasetError, match="cannot reach dataset 'lerobot/droid_1.0.1'.*local folder"):
+        data_module.ClipDataset("droid_subset")
+
+
+def test_data_falls_back_to_pyav_without_torchcodec(toy_labeled_root, monkeypatch):
+    reference = data_module.ClipDataset(toy_labeled_root, "unlabeled", clip_length=3, image_size=64)[5]["frames"]
+    monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)  # import now fails as without FFmpeg
+    assert data_module.video_backend() == "pyav"
+    frames = data_module.ClipDataset(toy_labeled_root, "unlabeled", clip_length=3, image_size=64)[5]["frames"]
+    assert (frames - reference).abs().mean() < 0.01
+
+
+def _write_multi_file_dataset(root):
+    """Camera-only dataset whose episodes each land in their own video file, as DROID's do."""
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+    features = {sim_module.CAMERA_KEY: {"dtype": "video", "shape": (64, 64, 3), "names": ["height", "width", "channels"]}}
+    dataset = LeRobotDataset.create("local/multi", sim_module.FPS, features, root=root)
+    dataset.meta.info["video_files_size_in_mb"] = 0.001  # roll over to a new file after every episode
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        poses = [sim_module.random_pose(rng)]
+        for action in sim_module.smooth_actions(rng, 9):
+            poses.append(sim_module.step(poses[-1], action))
+        for image in sim_module.render_batch(np.stack(poses)):
+            dataset.add_frame({sim_module.CAMERA_KEY: image, "task": "t"})
+        dataset.save_episode()
+    dataset.finalize()
+    return root
+
+
+@pytest.mark.parametrize("which", ["toy", "multi_file"])
+def test_data_streaming_clips_equal_random_access_clips(which, toy_labeled_root, tmp_path):
+    root, role = (toy_labeled_root, "labeled") if which == "toy" else (_write_multi_file_dataset(str(tmp_path / "m")),
+                                                                       "unlabeled")
+    options = dict(clip_length=3, frame_stride=2, image_size=32, episodes=[0, 2])
+    reference = data_module.ClipDataset(root, role, **options)
+    stream = data_module.ClipDataset(root, role, streaming=True, **options)
+    seen = set()
+    for k in range(12):  # more than one pass: the stream is endless
+        item = stream[k]
+        seen.add(item["episode_index"])
+        same_episode = [j for j in range(len(reference)) if reference.episode_of_row[reference.starts[j]] == item["episode_index"]]
+        match = min(same_episode, key=lambda j: (reference[j]["frames"] - item["frames"]).abs().max().item())
+        assert torch.equal(reference[match]["frames"], item["frames"])  # the right frames of the right file
+        assert torch.allclose(reference[match]["actions"], item["actions"])
+    assert seen == {0, 2}  # `episodes` is honoured
+
+
 # ==== encoder ====
 import encoder as encoder_module
 
@@ -279,6 +364,27 @@ def test_encoder_token_stats_and_feature_cache(tiny_dinov2_dir, toy_labeled_root
         assert torch.equal(cached[k]["actions"], live[k]["actions"])
     with pytest.raises(data_module.DatasetError, match="not a feature cache"):
         data_module.ClipDataset(toy_labeled_root, feature_cache=str(tmp_path))
+
+
+
+def test_encoder_real_dinov2_sizes_default_to_224(tmp_path):
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+    config = Dinov2WithRegistersConfig(image_size=518, patch_size=14, hidden_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, intermediate_size=64)  # as the released checkpoints
+    Dinov2WithRegistersModel(config).save_pretrained(tmp_path / "s")
+    encoder = encoder_module.Encoder(str(tmp_path / "s"), pool=2)
+    assert (encoder.image_size, encoder.grid) == (224, (8, 8))  # 16x16 patches of 14 px, pooled 2x2
+    assert encoder(torch.rand(1, 3, 224, 224)).shape == (1, 64, 32)
+    assert encoder_module.Encoder(str(tmp_path / "s"), image_size=518).num_tokens == 37 * 37
+
+
+def test_encoder_cache_cli_never_replaces_a_folder_that_is_not_a_cache(tiny_dinov2_dir, toy_labeled_root, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    result = subprocess.run([sys.executable, os.path.join(HERE, "encoder.py"), "--dataset", toy_labeled_root,
+                             "--encoder", tiny_dinov2_dir, "--out", str(tmp_path / "mine")], capture_output=True, text=True)
+    assert result.returncode != 0 and result.stderr.strip().splitlines()[-1].startswith("error:")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
 # ==== dynamics ====

@@ -1006,6 +1006,53 @@ def test_decode_bad_input_fails_with_one_clear_line(toy_decoder_run, tmp_path):
         decode_module.load_decoder(checkpoint, encoder={"name_or_path": "facebook/dinov2-small", "pool": 2})
 
 # ==== eval ====
+import eval as eval_module
+
+SMALL_PLANNER = dict(samples=16, top_k=4, iterations=1, horizon=2)
+
+
+def test_eval_error_measures():
+    truth = torch.randn(3, 4, 5, 6)
+    mse, cosine = eval_module.per_step_errors(truth, truth)
+    assert np.allclose(mse, 0) and np.allclose(cosine, 1)
+    mse, cosine = eval_module.per_step_errors(truth + torch.arange(4.0).view(1, 4, 1, 1), truth)
+    assert np.allclose(mse, [0, 1, 4, 9]) and cosine[0] > cosine[3]
+    mse, cosine = eval_module.per_step_errors(-truth, truth)
+    assert np.allclose(cosine, -1)
+
+
+def test_eval_report_of_a_checkpoint(toy_train_run, tmp_path):
+    import json
+    _, run = toy_train_run
+    report = eval_module.evaluate(str(run / "checkpoint.pt"), str(tmp_path / "eval"), context=1, horizon=3, clips=4,
+                                  pairs=2, K=2, planner_options=SMALL_PLANNER, quiet=True)
+    for name in ("copy_last", "actions_true", "actions_shuffled", "actions_none"):
+        assert len(report[name]["mse"]) == 3 and all(np.isfinite(report[name]["mse"]))
+    assert [entry["K"] for entry in report["sampling_steps"]] == [1, 2, 4, 8]
+    assert all(entry["ms_per_frame"] > 0 for entry in report["sampling_steps"])
+    loop = report["closed_loop"]
+    assert loop["pairs"] == 2 and 0 <= loop["planner"]["success_rate"] <= 1 and "random" in loop
+    assert os.path.isfile(tmp_path / "eval" / "open_loop.png")
+    assert json.load(open(tmp_path / "eval" / "report.json"))["clips"] == report["clips"] > 0
+    assert "copy_last MSE" in eval_module.summary_table(report)
+
+
+def test_eval_fast_ablations_write_table_and_plot(toy_labeled_root, toy_unlabeled_root, tiny_dinov2_dir, tmp_path):
+    names = ["baseline", "diffusion_forcing", "labeled_5_alone"]
+    results = eval_module.run_ablations(
+        str(tmp_path), steps=2, pairs=1, clips=2, k_max=8, planner_options=SMALL_PLANNER, names=names,
+        toy_datasets=(toy_labeled_root, toy_unlabeled_root), context=1, horizon=2,
+        train_arguments=["--encoder", tiny_dinov2_dir, "--batch-size", "2", "--clip-length", "3", "--warmup", "1",
+                         "--stats-batches", "1"])
+    assert list(results) == names
+    assert results["diffusion_forcing"]["mode"] == "diffusion" and results["baseline"]["mode"] == "shortcut"
+    table = open(tmp_path / "ablations.md").read()
+    assert all(f"| {name} |" in table for name in names)
+    assert os.path.isfile(tmp_path / "ablations.png")
+    result = subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), "--checkpoint", str(tmp_path / "nothing.pt")],
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and result.stderr.strip().splitlines()[-1].startswith("error:")
+
 
 # ==== bench ====
 

@@ -1,6 +1,6 @@
 """Evaluate a trained world model, and reproduce the paper's ablations on the toy world.
 
-    python eval.py --checkpoint runs/toy/checkpoint.pt [--dataset PATH] [--decoder runs/toy/decoder/decoder.pt]
+    python eval.py --checkpoint runs/toy/checkpoint.pt [--dataset PATH] [--decoder runs/toy/decoder/checkpoint.pt]
     python eval.py --ablations                       # trains tiny variants on the toy world, then compares them
 
 A world model is good for planning when (1) its imagined futures stay close to the real ones for
@@ -137,7 +137,7 @@ def evaluate(checkpoint_path, out, dataset=None, decoder_path=None, context=2, h
     # Closed loop in the toy world.
     if closed_loop and checkpoint["toy"]:
         import plan
-        report["closed_loop"] = plan.closed_loop_report(checkpoint_path, pairs=pairs, seed=seed,
+        report["closed_loop"] = plan.closed_loop_report(checkpoint_path, pairs=pairs, seed=seed, progress=not quiet,
                                                         **(planner_options or {}))
 
     os.makedirs(out, exist_ok=True)
@@ -199,8 +199,8 @@ def decoded_strips(decoder_path, checkpoint, tokens, predicted, context, out, cl
     paths = []
     with torch.no_grad():
         for clip in range(min(clips, len(tokens))):
-            truth = decoder.decode(token_stats.denormalize(tokens[clip, context:]))  # (H, 3, H, W)
-            imagined = decoder.decode(token_stats.denormalize(predicted[clip]))
+            truth = decoder.decode(tokens[clip, context:], token_stats=token_stats)  # (H, 3, height, width)
+            imagined = decoder.decode(predicted[clip], token_stats=token_stats)
             paths.append(save_image_strip(os.path.join(out, f"rollout_{clip}.png"), [truth, imagined],
                                           labels=["real", "imagined"], scale=2))
             paths.append(save_gif(os.path.join(out, f"rollout_{clip}.gif"), [truth, imagined], scale=2))

@@ -1,0 +1,448 @@
+"""Speed and memory, measured: `python bench.py` writes BENCHMARKS.md (and BENCHMARKS.json).
+
+    python bench.py                   # tiny and small presets (and droid on a GPU), ~10 min on 2 CPU cores
+    python bench.py --quick           # tiny preset, small sizes: under a minute (the test runs this)
+    python bench.py --device cuda     # on a GPU: bf16 autocast for training, the droid preset too
+
+Every figure is the median of `repeats` timed runs after warm-up runs, and every fast path is timed
+against its slow alternative in the same run, so the ratio holds even on a busy machine where the
+absolute numbers drift. What is measured, and the slow alternative each is compared with:
+
+1. Training step (forward + backward + AdamW) of the dynamics model on random tokens, for each
+   preset: frames/s, tokens/s and model FLOP utilisation (MFU):
+
+       MFU = (FLOPs of one step / seconds per step) / (this machine's matrix-multiply rate)
+
+   The step's FLOPs are counted, not estimated: torch.utils.flop_counter.FlopCounterMode records
+   every matmul and attention call of one real step (forward and backward). The matmul rate is
+   measured in the same run with a large square matmul (fp32 on CPU, bf16 on GPU): 2n³ FLOPs each.
+2. Attention kernels, forward and forward + backward, at the shapes of a space layer (B·T rows of
+   S tokens) and of a time layer (B·S rows of T causal frames): the plain reference against
+   PyTorch's fused scaled_dot_product_attention (without the soft cap, which SDPA cannot apply) and
+   against flex_attention with the soft cap in its score_mod (compiled; on a GPU, or --compile).
+3. Autoregressive rollout, time per generated frame at horizons 4, 8, 16, 32: with the KV cache
+   (each past frame is computed once) against recomputing the whole past at every denoising step.
+   With the cache the cost per frame should stay nearly flat; without, it grows with the horizon.
+4. Sampling: time per frame with K = 4 shortcut steps against K = 64 (what plain diffusion needs).
+5. One CEM MPC step at the planner's defaults (300 samples × horizon 5 × K = 4, 10 iterations): all
+   candidates of an iteration in one batched rollout, against one rollout per candidate (timed on a
+   few candidates and scaled to 300: the loop's cost is linear in the candidates).
+6. Data: clips/s from LeRobot video decoding + DINOv2 on the fly, against reading the feature
+   cache that `python encoder.py` writes; for the toy tiny DINOv2 and for a DINOv2-S-sized encoder
+   (random weights: same FLOPs as the real one, no download) at 224 px.
+7. Peak memory of each: on a GPU torch.cuda.max_memory_allocated; on CPU the peak resident memory
+   of the process during the timed runs above what it held before (Linux VmHWM, reset through
+   /proc/self/clear_refs), so it includes allocator slack: an upper bound.
+"""
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the bench never downloads: every model is built from a config
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import data
+import encoder as encoder_module
+import sim
+from dynamics import DynamicsConfig, DynamicsModel, attend
+from plan import CEMPlanner, WorldModel
+from shortcut import rollout, shortcut_forcing_loss
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing and memory.
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def resident_bytes(field):
+    """VmRSS (now) or VmHWM (peak since the last reset) of this process, in bytes; None off Linux."""
+    try:
+        with open("/proc/self/status") as file:
+            for line in file:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak(device):
+    """Start a new peak-memory window; returns the baseline to subtract."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/self/clear_refs", "w") as file:
+            file.write("5")  # resets VmHWM to the current VmRSS
+    except OSError:
+        return None
+    return resident_bytes("VmRSS")
+
+
+def peak_above(device, baseline):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) - baseline
+    peak = resident_bytes("VmHWM")
+    return None if peak is None or baseline is None else max(0, peak - baseline)
+
+
+def measure(function, device, repeats, warmup=1):
+    """Median seconds of `function()` over `repeats` runs after `warmup` runs, and the peak memory
+    (bytes above the start) while they ran."""
+    for _ in range(warmup):
+        function()
+    synchronize(device)
+    baseline = reset_peak(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return dict(seconds=statistics.median(times), peak_bytes=peak_above(device, baseline))
+
+
+def matmul_rate(device, n, repeats):
+    """FLOP/s of an (n, n) @ (n, n) matmul: fp32 on CPU, bf16 on GPU (what training runs in)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    result = measure(lambda: a @ b, device, repeats, warmup=2)
+    return 2 * n ** 3 / result["seconds"]
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Training step.
+
+
+def bench_config(preset, **overrides):
+    """A preset with room for the longest rollout and K = 64 (the toy preset trains with k_max 8)."""
+    return DynamicsConfig.preset(preset, k_max=64, max_frames=64, **overrides)
+
+
+def random_batch(config, batch_size, frames, device, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    z = torch.randn(batch_size, frames, config.num_tokens, config.token_dim, generator=generator)  # (B, T, N, D)
+    actions = torch.randn(batch_size, frames, config.action_dim, generator=generator)  # (B, T, 7)
+    mask = torch.rand(batch_size, generator=generator) < 0.5  # half labelled, half action-free
+    return z.to(device), actions.to(device), mask.to(device)
+
+
+def bench_training(preset, batch_size, frames, device, repeats, rate):
+    torch.manual_seed(0)
+    config = bench_config(preset)
+    model = DynamicsModel(config).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+    z, actions, mask = random_batch(config, batch_size, frames, device)
+    use_bf16 = device.type == "cuda"
+    generator = torch.Generator(device).manual_seed(0)
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext():
+            loss, _ = shortcut_forcing_loss(model, z, actions, mask, generator=generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    step()  # allocate optimizer state before counting
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    flops = counter.get_total_flops()
+    timing = measure(step, device, repeats)
+    seconds = timing["seconds"]
+    tokens = batch_size * frames * config.tokens_per_frame
+    return dict(preset=preset, parameters=model.num_parameters(), batch_size=batch_size, frames=frames,
+                precision="bf16" if use_bf16 else "fp32", seconds=seconds, frames_per_s=batch_size * frames / seconds,
+                tokens_per_s=tokens / seconds, flops_per_step=flops, flops_per_s=flops / seconds,
+                mfu=flops / seconds / rate, peak_bytes=timing["peak_bytes"])
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Attention kernels.
+
+
+def attention_inputs(config, rows, length, device, requires_grad):
+    head_dim = config.width // config.heads
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(rows, config.heads, length, head_dim, generator=generator)
+    k, v = (torch.randn(rows, config.kv_heads, length, head_dim, generator=generator) for _ in range(2))
+    return [x.to(device).requires_grad_(requires_grad) for x in (q, k, v)]
+
+
+def bench_attention(preset, batch_size, frames, device, repeats, backends):
+    """For each layer kind, seconds of forward and of forward + backward per backend."""
+    config = bench_config(preset)
+    S = config.tokens_per_frame
+    kinds = dict(space=(batch_size * frames, S, False), time=(batch_size * S, frames, True))
+    results = []
+    for kind, (rows, length, causal) in kinds.items():
+        for backend, soft_cap in backends:
+            def forward(backward=False):
+                q, k, v = attention_inputs(config, rows, length, device, backward)
+                output = attend(q, k, v, causal, soft_cap, backend)
+                if backward:
+                    output.sum().backward()
+
+            timing_forward = measure(forward, device, repeats)
+            timing_both = measure(lambda: forward(True), device, repeats)
+            results.append(dict(preset=preset, kind=kind, rows=rows, length=length, backend=backend,
+                                soft_cap=soft_cap, forward=timing_forward["seconds"],
+                                forward_backward=timing_both["seconds"], peak_bytes=timing_both["peak_bytes"]))
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# 3-4. Rollout: KV cache vs recomputation, K = 4 vs K = 64.
+
+
+def rollout_inputs(config, batch_size, horizon, device, context_frames=1):
+    generator = torch.Generator().manual_seed(0)
+    context = torch.randn(batch_size, context_frames, config.num_tokens, config.token_dim, generator=generator)
+    actions = torch.randn(batch_size, horizon, config.action_dim, generator=generator)
+    return context.to(device), actions.to(device)
+
+
+def bench_rollout(preset, batch_size, horizons, device, repeats, recompute_up_to):
+    torch.manual_seed(0)
+    model = DynamicsModel(bench_config(preset)).to(device).eval()
+    results = []
+    for horizon in horizons:
+        context, actions = rollout_inputs(model.config, batch_size, horizon, device)
+        entry = dict(preset=preset, batch_size=batch_size, horizon=horizon)
+        for name, use_cache in (("cached", True), ("recomputed", False)):
+            if not use_cache and horizon > recompute_up_to:
+                continue  # quadratic: only up to the horizon the caller can afford
+            timing = measure(lambda: rollout(model, context, actions, K=4, use_cache=use_cache), device, repeats)
+            entry[f"{name}_per_frame"] = timing["seconds"] / horizon
+            entry[f"{name}_peak_bytes"] = timing["peak_bytes"]
+        results.append(entry)
+    return results
+
+
+def bench_sampling_steps(preset, batch_size, horizon, device, repeats):
+    torch.manual_seed(0)
+    model = DynamicsModel(bench_config(preset)).to(device).eval()
+    context, actions = rollout_inputs(model.config, batch_size, horizon, device)
+    results = []
+    for K in (4, 64):
+        timing = measure(lambda: rollout(model, context, actions, K=K), device, repeats)
+        results.append(dict(preset=preset, batch_size=batch_size, K=K, per_frame=timing["seconds"] / horizon,
+                            peak_bytes=timing["peak_bytes"]))
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. One CEM MPC step.
+
+
+def bench_cem(preset, device, repeats, samples=300, horizon=5, iterations=10, loop_candidates=4):
+    torch.manual_seed(0)
+    model = DynamicsModel(bench_config(preset)).to(device).eval()
+    config = model.config
+    stats = data.ActionStats(torch.zeros(7), torch.ones(7))
+    world_model = WorldModel(model, None, None, stats, K=4)
+    context = (torch.randn(2, config.num_tokens, config.token_dim, device=device), None)  # 2 action-free frames
+    goal = torch.randn(config.num_tokens, config.token_dim, device=device)
+    planner = CEMPlanner(world_model, horizon=horizon, samples=samples, top_k=samples // 10, iterations=iterations)
+    batched = measure(lambda: planner.plan(context, goal), device, repeats, warmup=1)
+    # the slow alternative: one rollout per candidate; timed on a few, scaled to samples x iterations
+    one_by_one = CEMPlanner(world_model, horizon=horizon, samples=1, top_k=1, iterations=1)
+    single = measure(lambda: [one_by_one.evaluate(context, goal, torch.zeros(1, horizon, 7))
+                              for _ in range(loop_candidates)], device, repeats)
+    looped = single["seconds"] / loop_candidates * samples * iterations
+    return dict(preset=preset, samples=samples, horizon=horizon, iterations=iterations, K=4,
+                seconds=batched["seconds"], peak_bytes=batched["peak_bytes"], looped_seconds=looped)
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Data: decoding + DINOv2 on the fly vs the feature cache.
+
+
+def bench_data(work, device, batches, quick):
+    """Clips/s (8 frames each, batch 8) of the toy dataset through both paths."""
+    root = sim.write_toy_dataset(os.path.join(work, "toy"), episodes=4, steps_per_episode=40, seed=3)
+    encoders = [("tiny DINOv2 (toy, 64 px)", encoder_module.make_tiny_dinov2(os.path.join(work, "dinov2_tiny")), 2)]
+    if not quick:
+        encoders.append(("DINOv2-S size (224 px)", encoder_module.make_tiny_dinov2(
+            os.path.join(work, "dinov2_small"), image_size=224, patch_size=14, hidden_size=384, layers=12, heads=6,
+            registers=4), 2))
+    results = []
+    for label, path, pool in encoders:
+        frozen = encoder_module.Encoder(path, pool=pool).to(device)
+        cache = os.path.join(work, f"cache_{len(results)}")
+        encoder_module.write_feature_cache(root, cache, frozen, data.CAMERA_KEY, batch_size=32, device=device)
+        on_the_fly = data.ClipDataset(root, role="unlabeled", image_size=frozen.image_size)
+        cached = data.ClipDataset(root, role="unlabeled", image_size=frozen.image_size, feature_cache=cache)
+
+        def read(dataset, encode):
+            loader = torch.utils.data.DataLoader(dataset, batch_size=8, shuffle=True,
+                                                 generator=torch.Generator().manual_seed(0))
+            for index, batch in enumerate(loader):
+                if index == batches:
+                    break
+                if encode:
+                    frames = batch["frames"].to(device)  # (B, T, 3, H, W)
+                    frozen(frames.flatten(0, 1)).unflatten(0, frames.shape[:2])  # (B, T, N, D)
+                else:
+                    batch["tokens"].to(device)
+
+        entry = dict(encoder=label, clips=batches * 8, clip_length=on_the_fly.clip_length)
+        for name, dataset, encode in (("on_the_fly", on_the_fly, True), ("cached", cached, False)):
+            timing = measure(lambda: read(dataset, encode), device, repeats=1, warmup=0)  # reading is slow: once
+            entry[f"{name}_clips_per_s"] = batches * 8 / timing["seconds"]
+            entry[f"{name}_peak_bytes"] = timing["peak_bytes"]
+        results.append(entry)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# The report.
+
+
+def megabytes(value):
+    return "n/a" if value is None else f"{value / 2 ** 20:.0f} MB"
+
+
+def milliseconds(value):
+    return f"{value * 1e3:.1f} ms" if value < 10 else f"{value:.1f} s"
+
+
+def write_markdown(path, report):
+    machine = report["machine"]
+    lines = [
+        "# Benchmarks", "",
+        f"Written by `python bench.py{' --quick' if report['quick'] else ''}` on {report['date']}. "
+        f"Machine: {machine['device_name']}, {machine['threads']} torch threads, torch {machine['torch']}, "
+        f"Python {machine['python']}. Measured matmul rate: **{machine['matmul_gflops']:.1f} GFLOP/s** "
+        f"({machine['matmul_dtype']}, n = {machine['matmul_n']}). Each figure: median of {report['repeats']} "
+        "runs after warm-up. Peak memory on CPU: resident memory above the start (an upper bound).", "",
+        "## Training step (forward + backward + AdamW)", "",
+        "| preset | params | batch × frames | precision | s/step | frames/s | tokens/s | GFLOP/step | MFU | peak mem |",
+        "|---|---|---|---|---|---|---|---|---|---|"]
+    for entry in report["training"]:
+        lines.append(f"| {entry['preset']} | {entry['parameters'] / 1e6:.2f} M | {entry['batch_size']} × {entry['frames']} "
+                     f"| {entry['precision']} | {entry['seconds']:.3f} | {entry['frames_per_s']:.0f} "
+                     f"| {entry['tokens_per_s']:.0f} | {entry['flops_per_step'] / 1e9:.1f} | {entry['mfu'] * 100:.0f} % "
+                     f"| {megabytes(entry['peak_bytes'])} |")
+    lines += ["", "## Attention kernels (fused vs the plain reference)", "",
+              "| preset | layer | rows × length | backend | soft cap | forward | fwd + bwd | fwd speed-up | fwd+bwd speed-up |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for entry in report["attention"]:
+        reference = next(e for e in report["attention"] if e["preset"] == entry["preset"]
+                         and e["kind"] == entry["kind"] and e["backend"] == "plain" and e["soft_cap"] == entry["soft_cap"])
+        lines.append(f"| {entry['preset']} | {entry['kind']} | {entry['rows']} × {entry['length']} | {entry['backend']} "
+                     f"| {entry['soft_cap']:g} | {milliseconds(entry['forward'])} | {milliseconds(entry['forward_backward'])} "
+                     f"| {reference['forward'] / entry['forward']:.2f}× "
+                     f"| {reference['forward_backward'] / entry['forward_backward']:.2f}× |")
+    lines += ["", "## Rollout: time per generated frame, KV cache vs recomputing the past (K = 4)", "",
+              "| preset | batch | horizon | cached | recomputed | speed-up | peak mem cached | peak mem recomputed |",
+              "|---|---|---|---|---|---|---|---|"]
+    for entry in report["rollout"]:
+        recomputed = entry.get("recomputed_per_frame")
+        ratio = "" if recomputed is None else f"{recomputed / entry['cached_per_frame']:.1f}×"
+        lines.append(f"| {entry['preset']} | {entry['batch_size']} | {entry['horizon']} "
+                     f"| {milliseconds(entry['cached_per_frame'])} "
+                     f"| {'not run' if recomputed is None else milliseconds(recomputed)} "
+                     f"| {ratio} "
+                     f"| {megabytes(entry['cached_peak_bytes'])} "
+                     f"| {megabytes(entry.get('recomputed_peak_bytes')) if recomputed else ''} |")
+    lines += ["", "## Sampling steps per frame (KV cache)", "", "| preset | batch | K | per frame | peak mem |",
+              "|---|---|---|---|---|"]
+    for entry in report["sampling"]:
+        lines.append(f"| {entry['preset']} | {entry['batch_size']} | {entry['K']} | {milliseconds(entry['per_frame'])} "
+                     f"| {megabytes(entry['peak_bytes'])} |")
+    lines += ["", "## One CEM MPC step (one plan)", "",
+              "| preset | samples × horizon × iterations | K | batched | one rollout per candidate | speed-up | peak mem |",
+              "|---|---|---|---|---|---|---|"]
+    for entry in report["cem"]:
+        lines.append(f"| {entry['preset']} | {entry['samples']} × {entry['horizon']} × {entry['iterations']} | {entry['K']} "
+                     f"| {entry['seconds']:.2f} s | {entry['looped_seconds']:.1f} s (scaled from a few) "
+                     f"| {entry['looped_seconds'] / entry['seconds']:.0f}× | {megabytes(entry['peak_bytes'])} |")
+    lines += ["", "## Data: clips of 8 frames per second", "",
+              "| encoder | LeRobot video + DINOv2 on the fly | feature cache | speed-up | peak mem on the fly | peak mem cached |",
+              "|---|---|---|---|---|---|"]
+    for entry in report["data"]:
+        lines.append(f"| {entry['encoder']} | {entry['on_the_fly_clips_per_s']:.1f} | {entry['cached_clips_per_s']:.0f} "
+                     f"| {entry['cached_clips_per_s'] / entry['on_the_fly_clips_per_s']:.0f}× "
+                     f"| {megabytes(entry['on_the_fly_peak_bytes'])} | {megabytes(entry['cached_peak_bytes'])} |")
+    with open(path, "w") as file:
+        file.write("\n".join(lines) + "\n")
+
+
+def build_argument_parser():
+    parser = argparse.ArgumentParser(description="Measure training, attention, rollout, planning and data speed and "
+                                                 "memory; write BENCHMARKS.md and BENCHMARKS.json.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny preset and small sizes only (under a minute)")
+    parser.add_argument("--out", default="BENCHMARKS.md", help="Markdown report; the JSON goes beside it")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, help="timed runs per figure (default 5, quick 2)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--compile", action="store_true", help="also time flex_attention / compiled attention on CPU "
+                                                               "(needs a C++ compiler; compiles for minutes)")
+    return parser
+
+
+def main(argv=None):
+    args = build_argument_parser().parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but no CUDA device is available")
+    if args.repeats is not None and args.repeats < 1:
+        raise SystemExit("error: --repeats must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    repeats = args.repeats or (2 if args.quick else 5)
+    presets = ["tiny"] if args.quick else ["tiny", "small"] + (["droid"] if device.type == "cuda" else [])
+    # batch sizes: tiny as the demo trains it; larger presets smaller on CPU so the bench ends in minutes
+    training_batch = dict(tiny=16, small=8 if device.type == "cuda" else 2, droid=8)
+    frames = 8
+    backends = [("plain", 50.0), ("plain", 0.0), ("sdpa", 0.0)]
+    if device.type == "cuda" or args.compile:
+        backends += [("flex", 50.0)]
+    matmul_n = 4096 if device.type == "cuda" else (512 if args.quick else 1024)
+    rate = matmul_rate(device, matmul_n, repeats)
+    report = dict(date=time.strftime("%Y-%m-%d"), quick=args.quick, repeats=repeats, machine=dict(
+        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        threads=torch.get_num_threads(), torch=torch.__version__, python=platform.python_version(),
+        matmul_gflops=rate / 1e9, matmul_n=matmul_n, matmul_dtype="bf16" if device.type == "cuda" else "fp32"))
+    steps = [("training", lambda: [bench_training(p, training_batch[p], frames, device, repeats, rate) for p in presets]),
+             ("attention", lambda: [e for p in presets for e in bench_attention(p, training_batch[p], frames, device,
+                                                                                 repeats, backends)]),
+             ("rollout", lambda: [e for p in presets for e in bench_rollout(
+                 p, 4 if p != "droid" else 16, [4, 8] if args.quick else [4, 8, 16, 32], device, repeats,
+                 recompute_up_to=8 if args.quick or p != "tiny" else 32)]),
+             ("sampling", lambda: [e for p in presets for e in bench_sampling_steps(p, 4, 2, device, repeats)]),
+             ("cem", lambda: [bench_cem(p, device, repeats if p == "tiny" else 1, samples=30 if args.quick else 300,
+                                        iterations=2 if args.quick else 10) for p in presets]),
+             ("data", lambda: bench_data(work, device, batches=2 if args.quick else 4, quick=args.quick))]
+    with tempfile.TemporaryDirectory(prefix="bench_") as work:
+        for name, run in steps:
+            start = time.perf_counter()
+            print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+            report[name] = run()
+            print(f"[bench] {name}: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    write_markdown(args.out, report)
+    with open(os.path.splitext(args.out)[0] + ".json", "w") as file:
+        json.dump(report, file, indent=1)
+    print(open(args.out).read())
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

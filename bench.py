@@ -1,6 +1,6 @@
 """Speed and memory, measured: `python bench.py` writes BENCHMARKS.md (and BENCHMARKS.json).
 
-    python bench.py                   # tiny and small presets (and droid on a GPU), ~10 min on 2 CPU cores
+    python bench.py                   # tiny and small presets (and droid on a GPU), minutes on 2 CPU cores
     python bench.py --quick           # tiny preset, small sizes: under a minute (the test runs this)
     python bench.py --device cuda     # on a GPU: bf16 autocast for training, the droid preset too
 
@@ -26,16 +26,18 @@ absolute numbers drift. What is measured, and the slow alternative each is compa
 4. Sampling: time per frame with K = 4 shortcut steps against K = 64 (what plain diffusion needs).
 5. One CEM MPC step at the planner's defaults (300 samples × horizon 5 × K = 4, 10 iterations): all
    candidates of an iteration in one batched rollout, against one rollout per candidate (timed on a
-   few candidates and scaled to 300: the loop's cost is linear in the candidates).
+   few candidates and scaled to 300: the loop's cost is linear in the candidates). On CPU for the
+   tiny preset only: at the small preset one step would take tens of minutes there.
 6. Data: clips/s from LeRobot video decoding + DINOv2 on the fly, against reading the feature
    cache that `python encoder.py` writes; for the toy tiny DINOv2 and for a DINOv2-S-sized encoder
    (random weights: same FLOPs as the real one, no download) at 224 px.
 7. Peak memory of each: on a GPU torch.cuda.max_memory_allocated; on CPU the peak resident memory
-   of the process during the timed runs above what it held before (Linux VmHWM, reset through
-   /proc/self/clear_refs), so it includes allocator slack: an upper bound.
+   of the process above what it held before (Linux VmHWM, reset through /proc/self/clear_refs),
+   read in one extra untimed run with malloc set to hand large blocks back (set_mmap_threshold).
 """
 import argparse
 import contextlib
+import ctypes
 import json
 import os
 import platform
@@ -99,19 +101,37 @@ def peak_above(device, baseline):
     return None if peak is None or baseline is None else max(0, peak - baseline)
 
 
+def set_mmap_threshold(size):
+    """glibc's malloc: blocks of at least `size` bytes are mmap'd, and handed back to the system when
+    freed. By default the threshold grows after the first such free (up to 32 MB), so later tensors
+    stay in malloc's heap: fast to reuse, but then resident memory no longer follows the tensors."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, size)  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass  # not glibc: the CPU peak is then an upper bound including allocator slack
+
+
 def measure(function, device, repeats, warmup=1):
-    """Median seconds of `function()` over `repeats` runs after `warmup` runs, and the peak memory
-    (bytes above the start) while they ran."""
+    """Median seconds of `function()` over `repeats` runs after `warmup` runs, and its peak memory
+    (bytes above the start). On CPU the peak comes from one more, untimed run in which every block
+    of 256 KB or more is mmap'd, so that resident memory follows the tensors; the timed runs use the
+    usual 32 MB threshold (page faults on every large tensor would slow them down by up to 2x)."""
     for _ in range(warmup):
         function()
     synchronize(device)
-    baseline = reset_peak(device)
+    if device.type == "cuda":
+        baseline = reset_peak(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         function()
         synchronize(device)
         times.append(time.perf_counter() - start)
+    if device.type != "cuda":
+        set_mmap_threshold(256 * 1024)
+        baseline = reset_peak(device)
+        function()
+        set_mmap_threshold(32 * 1024 * 1024)
     return dict(seconds=statistics.median(times), peak_bytes=peak_above(device, baseline))
 
 
@@ -257,7 +277,7 @@ def bench_cem(preset, device, repeats, samples=300, horizon=5, iterations=10, lo
     context = (torch.randn(2, config.num_tokens, config.token_dim, device=device), None)  # 2 action-free frames
     goal = torch.randn(config.num_tokens, config.token_dim, device=device)
     planner = CEMPlanner(world_model, horizon=horizon, samples=samples, top_k=samples // 10, iterations=iterations)
-    batched = measure(lambda: planner.plan(context, goal), device, repeats, warmup=1)
+    batched = measure(lambda: planner.plan(context, goal), device, repeats)
     # the slow alternative: one rollout per candidate; timed on a few, scaled to samples x iterations
     one_by_one = CEMPlanner(world_model, horizon=horizon, samples=1, top_k=1, iterations=1)
     single = measure(lambda: [one_by_one.evaluate(context, goal, torch.zeros(1, horizon, 7))
@@ -328,7 +348,7 @@ def write_markdown(path, report):
         f"Machine: {machine['device_name']}, {machine['threads']} torch threads, torch {machine['torch']}, "
         f"Python {machine['python']}. Measured matmul rate: **{machine['matmul_gflops']:.1f} GFLOP/s** "
         f"({machine['matmul_dtype']}, n = {machine['matmul_n']}). Each figure: median of {report['repeats']} "
-        "runs after warm-up. Peak memory on CPU: resident memory above the start (an upper bound).", "",
+        "runs after warm-up. Peak memory on CPU: resident memory above the start, in one extra run.", "",
         "## Training step (forward + backward + AdamW)", "",
         "| preset | params | batch × frames | precision | s/step | frames/s | tokens/s | GFLOP/step | MFU | peak mem |",
         "|---|---|---|---|---|---|---|---|---|---|"]
@@ -419,15 +439,20 @@ def main(argv=None):
         device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
         threads=torch.get_num_threads(), torch=torch.__version__, python=platform.python_version(),
         matmul_gflops=rate / 1e9, matmul_n=matmul_n, matmul_dtype="bf16" if device.type == "cuda" else "fp32"))
-    steps = [("training", lambda: [bench_training(p, training_batch[p], frames, device, repeats, rate) for p in presets]),
+    # On CPU the larger presets are timed once (after one warm-up): a figure of theirs takes minutes.
+    # A CEM step at the defaults imagines 300 x 5 frames 10 times: on CPU the tiny preset only, once.
+    runs = {p: repeats if p == "tiny" or device.type == "cuda" else 1 for p in presets}
+    planned = presets if device.type == "cuda" else ["tiny"]
+    steps = [("training", lambda: [bench_training(p, training_batch[p], frames, device, runs[p], rate) for p in presets]),
              ("attention", lambda: [e for p in presets for e in bench_attention(p, training_batch[p], frames, device,
-                                                                                 repeats, backends)]),
+                                                                                 runs[p], backends)]),
              ("rollout", lambda: [e for p in presets for e in bench_rollout(
-                 p, 4 if p != "droid" else 16, [4, 8] if args.quick else [4, 8, 16, 32], device, repeats,
+                 p, 4 if p != "droid" else 16, [4, 8] if args.quick else [4, 8, 16, 32], device, runs[p],
                  recompute_up_to=8 if args.quick or p != "tiny" else 32)]),
-             ("sampling", lambda: [e for p in presets for e in bench_sampling_steps(p, 4, 2, device, repeats)]),
-             ("cem", lambda: [bench_cem(p, device, repeats if p == "tiny" else 1, samples=30 if args.quick else 300,
-                                        iterations=2 if args.quick else 10) for p in presets]),
+             ("sampling", lambda: [e for p in presets for e in bench_sampling_steps(p, 4, 2, device, runs[p])]),
+             ("cem", lambda: [bench_cem(p, device, runs[p] if args.quick or device.type == "cuda" else 1,
+                                        samples=30 if args.quick else 300,
+                                        iterations=2 if args.quick else 10) for p in planned]),
              ("data", lambda: bench_data(work, device, batches=2 if args.quick else 4, quick=args.quick))]
     with tempfile.TemporaryDirectory(prefix="bench_") as work:
         for name, run in steps:

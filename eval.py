@@ -233,7 +233,7 @@ def ablation_arguments(name, labeled, unlabeled, steps, seed, out, k_max, extra=
 
 
 def run_ablations(out, steps, pairs, clips, seed=0, k_max=64, planner_options=None, names=None,
-                  toy_datasets=None, train_arguments=(), context=2, horizon=8):
+                  toy_datasets=None, train_arguments=(), context=2, horizon=8, closed_loop=True):
     """Train every variant (or `names`), evaluate each, write ablations.json/.md and a plot.
     toy_datasets: (labelled, unlabelled) roots, default the demo's; train_arguments: extra train.py flags."""
     labeled, unlabeled = toy_datasets or sim.ensure_toy_datasets()
@@ -246,8 +246,8 @@ def run_ablations(out, steps, pairs, clips, seed=0, k_max=64, planner_options=No
         if code != 0:
             raise SystemExit(f"error: training the {name} variant stopped early (exit {code})")
         results[name] = evaluate(os.path.join(run_dir, "checkpoint.pt"), run_dir, context=context, horizon=horizon,
-                                 clips=clips, pairs=pairs, K=4, planner_options=planner_options, seed=seed,
-                                 quiet=True)
+                                 clips=clips, pairs=pairs, K=4, closed_loop=closed_loop,
+                                 planner_options=planner_options, seed=seed, quiet=True)
     with open(os.path.join(out, "ablations.json"), "w") as file:
         json.dump(results, file, indent=1)
     table = ablation_table(results, steps, k_max, horizon)
@@ -328,7 +328,7 @@ def main(argv=None):
     try:
         if args.ablations:
             run_ablations(args.out or os.path.join("runs", "ablations"), args.ablation_steps, args.pairs,
-                          args.clips, args.seed, names=args.only)
+                          args.clips, args.seed, names=args.only, closed_loop=not args.no_closed_loop)
         else:
             evaluate(args.checkpoint, args.out or os.path.join(os.path.dirname(args.checkpoint), "eval"),
                      args.dataset, args.decoder, args.context, args.horizon, args.clips, args.pairs, args.K,

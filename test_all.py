@@ -774,6 +774,18 @@ def test_train_short_run_writes_checkpoint_log_and_loads(toy_train_run):
         assert key in checkpoint
 
 
+def test_train_ema_warms_up_and_then_averages():
+    model, ema = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
+    ema.weight.data.fill_(0.0)  # the initial weights the EMA must forget
+    model.weight.data.fill_(1.0)
+    for step in range(1, 51):
+        train_module.update_ema(ema, model, 0.999, step)
+    assert 1 - ema.weight.item() < 1e-6  # a fixed 0.999 would leave 0.999^50 = 95 % of the initial weight
+    model.weight.data.fill_(2.0)
+    train_module.update_ema(ema, model, 0.999, 100_000)  # late in a run: the plain EMA with the given decay
+    assert abs(ema.weight.item() - (0.999 * 1 + 0.001 * 2)) < 1e-6
+
+
 def test_train_sigint_then_resume_matches_uninterrupted(toy_train_run, tmp_path, monkeypatch):
     argv, reference = toy_train_run
     out = tmp_path / "interrupted"

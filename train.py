@@ -1,6 +1,6 @@
 """Train the world model: LeRobot clips -> frozen DINOv2 tokens -> shortcut forcing on the dynamics model.
 
-    python train.py                                            # toy demo: ~5 min on 2 CPU cores
+    python train.py                                            # toy demo: ~11 min on 2 CPU cores
     python train.py --labeled droid_subset --unlabeled droid   # DROID in LeRobot format
     torchrun --nproc_per_node=8 train.py --labeled ... --unlabeled ...
 
@@ -108,9 +108,16 @@ def learning_rate_factor(step, warmup_steps, total_steps, final_fraction=0.1):
 
 
 @torch.no_grad()
-def update_ema(ema_model, model, decay):
-    """ema <- decay * ema + (1 - decay) * weights: a smoothed copy that evaluates better and, with
-    --ema-bootstrap, gives steadier bootstrap targets."""
+def update_ema(ema_model, model, decay, step):
+    """ema <- d * ema + (1 - d) * weights after step `step` (1, 2, ...): a smoothed copy that
+    evaluates better and, with --ema-bootstrap, gives steadier bootstrap targets.
+
+    d = min(decay, (1 + step) / (10 + step)) warms up: with a fixed d = 0.999 the random initial
+    weights would still carry 0.999^1500 = 22 % of the EMA after the toy demo's 1500 steps (measured:
+    its held-out error was worse than copying the last frame). With the warm-up their share,
+    the product of the d's, is below 1e-9 after 50 steps; the averaging window grows with the run
+    (about step / 9 steps) until it reaches 1 / (1 - decay)."""
+    decay = min(decay, (1 + step) / (10 + step))
     for ema_parameter, parameter in zip(ema_model.parameters(), model.parameters()):
         ema_parameter.lerp_(parameter.detach(), 1 - decay)
 
@@ -185,7 +192,8 @@ def build_argument_parser():
     return parser
 
 
-# The toy demo's defaults: what `python train.py` with no dataset trains (about 5 min on 2 cores).
+# The toy demo's defaults: what `python train.py` with no dataset trains (measured: 10 min 48 s on 2 cores,
+# plus ~2 min to write the toy datasets the first time).
 TOY_DEFAULTS = dict(preset="tiny", pool=2, steps=1500, batch_size=16, lr=1e-3, warmup=100,
                     save_every=250, val_every=250, labeled_fraction=0.05)
 
@@ -459,7 +467,7 @@ def train(args):
             optimizer.step()
             scheduler.step()
             if ema_model is not None:
-                update_ema(ema_model, model, args.ema)
+                update_ema(ema_model, model, args.ema, step + 1)
             done = step + 1
 
             if rank == 0 and (done % args.log_every == 0 or done == args.steps):

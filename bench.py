@@ -34,6 +34,9 @@ absolute numbers drift. What is measured, and the slow alternative each is compa
 7. Peak memory of each: on a GPU torch.cuda.max_memory_allocated; on CPU the peak resident memory
    of the process above what it held before (Linux VmHWM, reset through /proc/self/clear_refs),
    read in one extra untimed run with malloc set to hand large blocks back (set_mmap_threshold).
+   Blocks malloc kept from earlier runs are reused without growing resident memory, so on CPU many
+   figures read "n/a" (measured: the run that fixed the threshold at start-up read them all, e.g.
+   514 MB for a small-preset step, but ran 1.7x slower; a GPU reads them all exactly).
 """
 import argparse
 import contextlib
@@ -98,7 +101,9 @@ def peak_above(device, baseline):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) - baseline
     peak = resident_bytes("VmHWM")
-    return None if peak is None or baseline is None else max(0, peak - baseline)
+    if peak is None or baseline is None or peak - baseline < 2 ** 20:
+        return None  # under 1 MB of growth: malloc reused memory it kept, the peak is unknown ("n/a")
+    return peak - baseline
 
 
 def set_mmap_threshold(size):
@@ -348,7 +353,8 @@ def write_markdown(path, report):
         f"Machine: {machine['device_name']}, {machine['threads']} torch threads, torch {machine['torch']}, "
         f"Python {machine['python']}. Measured matmul rate: **{machine['matmul_gflops']:.1f} GFLOP/s** "
         f"({machine['matmul_dtype']}, n = {machine['matmul_n']}). Each figure: median of {report['repeats']} "
-        "runs after warm-up. Peak memory on CPU: resident memory above the start, in one extra run.", "",
+        "runs after warm-up. Peak memory on CPU: resident memory above the start, in one extra run; n/a where "
+        "malloc served the run from memory it had kept (then the peak cannot be read this way).", "",
         "## Training step (forward + backward + AdamW)", "",
         "| preset | params | batch × frames | precision | s/step | frames/s | tokens/s | GFLOP/step | MFU | peak mem |",
         "|---|---|---|---|---|---|---|---|---|---|"]

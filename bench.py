@@ -51,7 +51,6 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the bench never downloads: every model is built from a config
 
-import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 

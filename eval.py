@@ -39,7 +39,6 @@ import time
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import data
 import encoder as encoder_module

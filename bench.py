@@ -33,10 +33,10 @@ absolute numbers drift. What is measured, and the slow alternative each is compa
    (random weights: same FLOPs as the real one, no download) at 224 px.
 7. Peak memory of each: on a GPU torch.cuda.max_memory_allocated; on CPU the peak resident memory
    of the process above what it held before (Linux VmHWM, reset through /proc/self/clear_refs),
-   read in one extra untimed run with malloc set to hand large blocks back (set_mmap_threshold).
-   Blocks malloc kept from earlier runs are reused without growing resident memory, so on CPU many
-   figures read "n/a" (measured: the run that fixed the threshold at start-up read them all, e.g.
-   514 MB for a small-preset step, but ran 1.7x slower; a GPU reads them all exactly).
+   read in one extra untimed run. Before it, malloc hands back the free memory it kept from earlier
+   runs (malloc_trim), and during it every block of 256 KB or more is mmap'd (set_mmap_threshold),
+   so that resident memory follows the tensors; otherwise reused blocks would not show. The timed
+   runs keep malloc's usual settings (page faults on every large tensor would slow them down).
 """
 import argparse
 import contextlib
@@ -101,7 +101,7 @@ def peak_above(device, baseline):
         return torch.cuda.max_memory_allocated(device) - baseline
     peak = resident_bytes("VmHWM")
     if peak is None or baseline is None or peak - baseline < 2 ** 20:
-        return None  # under 1 MB of growth: malloc reused memory it kept, the peak is unknown ("n/a")
+        return None  # under 1 MB of growth: too small to tell from page counts ("n/a")
     return peak - baseline
 
 
@@ -115,11 +115,21 @@ def set_mmap_threshold(size):
         pass  # not glibc: the CPU peak is then an upper bound including allocator slack
 
 
+def release_free_memory():
+    """glibc's malloc_trim(0): give the free memory malloc keeps in its heap back to the system, so
+    that a block reused from there counts as newly resident again (else the peak reads too low)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def measure(function, device, repeats, warmup=1):
     """Median seconds of `function()` over `repeats` runs after `warmup` runs, and its peak memory
-    (bytes above the start). On CPU the peak comes from one more, untimed run in which every block
-    of 256 KB or more is mmap'd, so that resident memory follows the tensors; the timed runs use the
-    usual 32 MB threshold (page faults on every large tensor would slow them down by up to 2x)."""
+    (bytes above the start). On CPU the peak comes from one more, untimed run (module docstring, 7):
+    malloc first hands back what it kept, then mmaps every block of 256 KB or more, so that resident
+    memory follows the tensors; the timed runs keep the usual settings (page faults on every large
+    tensor would slow them down by up to 2x)."""
     for _ in range(warmup):
         function()
     synchronize(device)
@@ -133,6 +143,7 @@ def measure(function, device, repeats, warmup=1):
         times.append(time.perf_counter() - start)
     if device.type != "cuda":
         set_mmap_threshold(256 * 1024)
+        release_free_memory()
         baseline = reset_peak(device)
         function()
         set_mmap_threshold(32 * 1024 * 1024)
@@ -352,8 +363,8 @@ def write_markdown(path, report):
         f"Machine: {machine['device_name']}, {machine['threads']} torch threads, torch {machine['torch']}, "
         f"Python {machine['python']}. Measured matmul rate: **{machine['matmul_gflops']:.1f} GFLOP/s** "
         f"({machine['matmul_dtype']}, n = {machine['matmul_n']}). Each figure: median of {report['repeats']} "
-        "runs after warm-up. Peak memory on CPU: resident memory above the start, in one extra run; n/a where "
-        "malloc served the run from memory it had kept (then the peak cannot be read this way).", "",
+        "runs after warm-up. Peak memory on CPU: resident memory above the start, in one extra run after malloc "
+        "handed back the memory it kept (n/a: under 1 MB, or not Linux).", "",
         "## Training step (forward + backward + AdamW)", "",
         "| preset | params | batch × frames | precision | s/step | frames/s | tokens/s | GFLOP/step | MFU | peak mem |",
         "|---|---|---|---|---|---|---|---|---|---|"]

@@ -71,6 +71,7 @@ Output head: linear to D (x-prediction), or RAE's "DH" head (a shallow, wide tra
 latent tokens) behind config.head = "dh", for token dims that are large next to the trunk width.
 """
 import argparse
+import copy
 import functools
 import math
 from dataclasses import dataclass
@@ -230,6 +231,15 @@ class KVCache:
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0
+
+    def repeat(self, times):
+        """The cache with every batch row repeated `times` times: (L, B·S, ...) -> (L, times·B·S, ...),
+        rows grouped batch-major as the model lays them out. A shared context is run once, then this."""
+        if times == 1:
+            return self
+        repeated = copy.copy(self)
+        repeated.keys, repeated.values = self.keys.repeat(1, times, 1, 1, 1), self.values.repeat(1, times, 1, 1, 1)
+        return repeated
 
     def extend(self, layer, k, v, append):
         """Return [cached, new] keys and values of one layer; store the new ones if `append`."""

@@ -104,7 +104,7 @@ def imagine(model, tokens, actions, context, K, action_source="true", pred="x", 
 
 
 def evaluate(checkpoint_path, out, dataset=None, decoder_path=None, context=2, horizon=8, clips=32, pairs=20,
-             K=4, closed_loop=True, planner_options=None, seed=0, quiet=False):
+             K=4, closed_loop=True, planner_options=None, seed=0, quiet=False, task="pose"):
     model, checkpoint = train_module.load_world_model(checkpoint_path)
     args = checkpoint["train_args"]
     pred, mode = args["pred"], args["mode"]
@@ -136,8 +136,8 @@ def evaluate(checkpoint_path, out, dataset=None, decoder_path=None, context=2, h
     # Closed loop in the toy world.
     if closed_loop and checkpoint["toy"]:
         import plan
-        report["closed_loop"] = plan.closed_loop_report(checkpoint_path, pairs=pairs, seed=seed, progress=not quiet,
-                                                        **(planner_options or {}))
+        report["closed_loop"] = plan.closed_loop_report(checkpoint_path, pairs=pairs, seed=seed, task=task,
+                                                        progress=not quiet, **(planner_options or {}))
 
     os.makedirs(out, exist_ok=True)
     report["plots"] = plot_report(report, out)
@@ -162,7 +162,7 @@ def summary_table(report):
                                                for entry in report["sampling_steps"]))
     if "closed_loop" in report:
         loop = report["closed_loop"]
-        rows.append(f"closed loop ({loop['pairs']} pairs): CEM success {loop['planner']['success_rate']:.0%}, "
+        rows.append(f"closed loop, task {loop['task']} ({loop['pairs']} pairs): CEM success {loop['planner']['success_rate']:.0%}, "
                     f"random {loop['random']['success_rate']:.0%}; final position error "
                     f"{loop['planner']['final_position_error']:.3f} m vs {loop['random']['final_position_error']:.3f} m")
     return "\n".join(rows)
@@ -232,7 +232,7 @@ def ablation_arguments(name, labeled, unlabeled, steps, seed, out, k_max, extra=
 
 
 def run_ablations(out, steps, pairs, clips, seed=0, k_max=64, planner_options=None, names=None,
-                  toy_datasets=None, train_arguments=(), context=2, horizon=8, closed_loop=True):
+                  toy_datasets=None, train_arguments=(), context=2, horizon=8, closed_loop=True, task="pose"):
     """Train every variant (or `names`), evaluate each, write ablations.json/.md and a plot.
     toy_datasets: (labelled, unlabelled) roots, default the demo's; train_arguments: extra train.py flags."""
     labeled, unlabeled = toy_datasets or sim.ensure_toy_datasets()
@@ -246,7 +246,7 @@ def run_ablations(out, steps, pairs, clips, seed=0, k_max=64, planner_options=No
             raise SystemExit(f"error: training the {name} variant stopped early (exit {code})")
         results[name] = evaluate(os.path.join(run_dir, "checkpoint.pt"), run_dir, context=context, horizon=horizon,
                                  clips=clips, pairs=pairs, K=4, closed_loop=closed_loop,
-                                 planner_options=planner_options, seed=seed, quiet=True)
+                                 planner_options=planner_options, seed=seed, quiet=True, task=task)
     with open(os.path.join(out, "ablations.json"), "w") as file:
         json.dump(results, file, indent=1)
     table = ablation_table(results, steps, k_max, horizon)
@@ -317,6 +317,8 @@ def main(argv=None):
     parser.add_argument("--pairs", type=int, default=20, help="closed-loop start/goal pairs (toy world)")
     parser.add_argument("--K", type=int, default=4, help="sampling steps for the open-loop metrics")
     parser.add_argument("--no-closed-loop", action="store_true", help="skip MPC in the toy world")
+    parser.add_argument("--task", choices=["pose", "reach"], default="pose",
+                        help="closed-loop task: reach the whole goal pose, or only a goal position (plan.py)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ablations", action="store_true", help="train and compare the toy ablations")
     parser.add_argument("--ablation-steps", type=int, default=1000, help="training steps per ablation variant")
@@ -327,11 +329,12 @@ def main(argv=None):
     try:
         if args.ablations:
             run_ablations(args.out or os.path.join("runs", "ablations"), args.ablation_steps, args.pairs,
-                          args.clips, args.seed, names=args.only, closed_loop=not args.no_closed_loop)
+                          args.clips, args.seed, names=args.only, closed_loop=not args.no_closed_loop,
+                          task=args.task)
         else:
             evaluate(args.checkpoint, args.out or os.path.join(os.path.dirname(args.checkpoint), "eval"),
                      args.dataset, args.decoder, args.context, args.horizon, args.clips, args.pairs, args.K,
-                     closed_loop=not args.no_closed_loop, seed=args.seed)
+                     closed_loop=not args.no_closed_loop, seed=args.seed, task=args.task)
     except (train_module.CheckpointError, data.DatasetError) as error:
         raise SystemExit(f"error: {error}")
     return 0

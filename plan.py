@@ -26,7 +26,7 @@ Keep a diagonal Gaussian over action sequences, mean μ (H, 7) and std σ (H, 7)
 
     1. sample S sequences  a^s = μ + σ ⊙ ε^s,  ε^s ~ N(0, I)            (S, H, 7); a^0 = μ itself
     2. clip every a^s into the action bounds (section 3)
-    3. imagine all S futures in ONE batched rollout, context expanded    (S, C, N, D) -> (S, H, N, D)
+    3. imagine all S futures in ONE batched rollout from the one context  (C, N, D) -> (S, H, N, D)
     4. score them                                                        J (S,)
     5. refit the Gaussian to the k lowest-cost sequences, the elites:
            μ ← m·μ + (1 − m)·mean(elites)      σ ← m·σ + (1 − m)·std(elites)      (m: momentum)
@@ -35,7 +35,12 @@ Each refit moves μ toward what worked and shrinks σ around it, so later iterat
 near better plans; a^0 = μ keeps the current best guess in the race. The plan is the final μ; one
 more rollout of μ alone gives its predicted cost and imagined frames (for pictures).
 One iteration costs H·(K + 1) model passes over S rows of one frame each (K denoising steps, then
-one pass that writes the finished frame into the KV cache); the C context frames go in once.
+one pass that writes the finished frame into the KV cache); the C context frames go in once, as
+one row whose keys and values are copied to the S rows.
+
+All S candidates share the same noise (common random numbers: WorldModel.shared_noise). The model
+samples a future, so with independent noise part of each cost difference would be sampling luck
+and the elites partly the lucky; with shared noise, candidates differ by their actions only.
 
 3. Action bounds
 ----------------
@@ -59,11 +64,15 @@ Seconds per MPC step at these defaults, measured: BENCHMARKS.md (`python bench.p
 -----------------------------------
 Pairs: start = a random pose; goal = start after PATH_STEPS smooth random actions, so every goal
 is reachable in PATH_STEPS moves. Episode: act, step the simulator, stop when the pose is within
-TOLERANCE of the goal (position, rotation angle, gripper) or after max_steps (2·PATH_STEPS);
-success = within tolerance at the end. The same pairs are run with random actions (normalised
-N(0, σ₀²), clipped by the same bounds) as the baseline. The oracle replaces the learned dynamics by
-the simulator itself (step, render, encode the true future), with everything else unchanged: if
-CEM fails with the oracle the planner or the token cost is at fault, not the model.
+TOLERANCE of the goal (position, rotation angle, gripper, all at once) or after max_steps
+(2·PATH_STEPS); success = within tolerance at the end. Two tasks (TASKS):
+  pose:  the goal differs in all 7 numbers; the planner may move all of them.
+  reach: the classic reaching task: the goal differs in position only, and the planner (and the
+         random baseline) move the position only (rotation and gripper bounds 0).
+The same pairs are run with random actions (normalised N(0, σ₀²), clipped by the same bounds) as
+the baseline. The oracle replaces the learned dynamics by the simulator itself (step, render,
+encode the true future), with everything else unchanged: if CEM fails with the oracle the planner
+or the token cost is at fault, not the model.
 """
 import argparse
 import json
@@ -126,9 +135,10 @@ class WorldModel:
     rolls out S candidate action sequences from one context in a single batched call."""
 
     def __init__(self, model, frozen_encoder, token_stats, action_stats, K=4, pred="x", mode="shortcut",
-                 context_noise=0.9, toy=False):
+                 context_noise=0.9, toy=False, shared_noise=True):
         self.model, self.encoder, self.token_stats, self.action_stats = model, frozen_encoder, token_stats, action_stats
         self.K, self.pred, self.mode, self.context_noise, self.toy = K, pred, mode, context_noise, toy
+        self.shared_noise = shared_noise  # one noise draw for all candidates: costs differ by the actions only
 
     @classmethod
     def load(cls, path, device="cpu", K=4):
@@ -161,12 +171,13 @@ class WorldModel:
         """context from context(); actions (S, H, 7) normalised -> imagined tokens (S, H, N, D): all S
         candidates in one rollout (KV cache, K shortcut steps). `generator` (CPU) seeds the noise."""
         tokens, context_actions = context
-        S, device = actions.shape[0], tokens.device
+        device = tokens.device
         noise = None if generator is None else torch.Generator(device).manual_seed(
             int(torch.randint(2 ** 62, (1,), generator=generator)))  # same stream on any device
-        return rollout(self.model, tokens.expand(S, *tokens.shape), actions.to(device), K=self.K,
-                       context_actions=None if context_actions is None else context_actions.expand(S, -1, -1),
-                       context_noise=self.context_noise, pred=self.pred, mode=self.mode, generator=noise)
+        return rollout(self.model, tokens[None], actions.to(device), K=self.K,  # one context for all S rows
+                       context_actions=None if context_actions is None else context_actions[None],
+                       context_noise=self.context_noise, pred=self.pred, mode=self.mode, generator=noise,
+                       shared_noise=self.shared_noise)
 
 
 class SimOracle:
@@ -342,8 +353,14 @@ class RandomPolicy:
         return self.planner.action_stats.denormalize(self.planner.clip(action)).numpy()
 
 
-def make_pairs(n, seed=0, path_steps=PATH_STEPS, margin=0.1):
-    """n (start, goal) poses; goal = start after `path_steps` smooth random actions, so it is reachable.
+# What moves between start and goal in each task, and the planner bounds that go with it (docstring, 5).
+TASKS = {"pose": dict(moving=np.ones(7), bounds={}),
+         "reach": dict(moving=np.array([1, 1, 1, 0, 0, 0, 0]), bounds=dict(max_rotation=0.0, max_gripper=0.0))}
+
+
+def make_pairs(n, seed=0, path_steps=PATH_STEPS, margin=0.1, task="pose"):
+    """n (start, goal) poses; goal = start after `path_steps` smooth random actions, so it is reachable
+    (for task "reach" the actions move the position only).
     Goals closer than `margin` of a range to the workspace edge are drawn again: there the clip may
     have bitten, and at extreme poses a part of the gripper can leave the picture or hide behind the
     rest (e.g. the fingers, seen end-on), so no image-based planner could tell it was reached."""
@@ -353,7 +370,7 @@ def make_pairs(n, seed=0, path_steps=PATH_STEPS, margin=0.1):
     pairs = []
     while len(pairs) < n:
         start = goal = sim.random_pose(rng)
-        for action in sim.smooth_actions(rng, path_steps):
+        for action in sim.smooth_actions(rng, path_steps) * TASKS[task]["moving"]:
             goal = sim.step(goal, action)
         if np.all((goal > low) & (goal < high)):
             pairs.append((start, goal))
@@ -401,18 +418,19 @@ def evaluate_closed_loop(policy, pairs, max_steps=2 * PATH_STEPS, tolerance=TOLE
 BENCHMARK_PLANNER = dict(horizon=3, samples=64, top_k=8, iterations=4, replan_every=1)
 
 
-def closed_loop_report(checkpoint_path, pairs=20, seed=0, max_steps=2 * PATH_STEPS, K=None, oracle=False,
+def closed_loop_report(checkpoint_path, pairs=20, seed=0, max_steps=2 * PATH_STEPS, K=None, oracle=False, task="pose",
                        device="cpu", progress=False, **planner_options):
     """CEM MPC with a checkpoint (or the simulator oracle) vs random actions on the same `pairs`
-    random start/goal pairs of the toy world. Used by eval.py and the tests."""
+    random start/goal pairs of the toy world's `task`. Used by eval.py and the tests."""
     world_model = WorldModel.load(checkpoint_path, device, K=K or 4)
-    options = {**BENCHMARK_PLANNER, **planner_options, "seed": seed}
+    options = {**BENCHMARK_PLANNER, **TASKS[task]["bounds"], **planner_options, "seed": seed}
     model = SimOracle(world_model.encoder, world_model.token_stats, world_model.action_stats) if oracle else world_model
     planner = CEMPlanner(model, **options)
-    pair_list = make_pairs(pairs, seed)
+    pair_list = make_pairs(pairs, seed, task=task)
     start = time.perf_counter()
-    report = dict(pairs=pairs, max_steps=max_steps, tolerance=TOLERANCE, path_steps=PATH_STEPS, oracle=oracle,
-                  planner_options=options, planner=evaluate_closed_loop(planner, pair_list, max_steps, progress=progress))
+    report = dict(task=task, pairs=pairs, max_steps=max_steps, tolerance=TOLERANCE, path_steps=PATH_STEPS,
+                  oracle=oracle, K=world_model.K, planner_options=options,
+                  planner=evaluate_closed_loop(planner, pair_list, max_steps, progress=progress))
     report["seconds"] = time.perf_counter() - start
     report["random"] = evaluate_closed_loop(RandomPolicy(planner), pair_list, max_steps)
     return report

@@ -208,18 +208,21 @@ def sample_frame(predict_clean, noise, K):
     return x
 
 
-def sample_next(model, cache, action, K=4, action_mask=None, pred="x", mode="shortcut", generator=None, history=None):
+def sample_next(model, cache, action, K=4, action_mask=None, pred="x", mode="shortcut", generator=None, history=None,
+                shared_noise=False):
     """Generate the next frame, (B, N, D), in K steps from noise.
 
     action (B, 1, 7) normalised: the action leading to the new frame; action_mask (B,), default all
     True (False: generate without the action, as for unlabelled video). The past is in `cache`
     (a KV cache, as rollout fills it) and/or in `history`: frames after the cached ones (all of the
     past when cache is None), re-run at every step, as a tuple (tokens (B, F, N, D) at their signal
-    levels, tau (B, F), d (B, F), actions (B, F, 7), action_mask (B, F))."""
+    levels, tau (B, F), d (B, F), actions (B, F, 7), action_mask (B, F)). shared_noise: one noise
+    draw for all B rows (rollout explains why a planner wants that)."""
     config = model.config
     check_options(model, K, pred, mode)
     B, device = action.shape[0], action.device
-    noise = torch.randn((B, 1, config.num_tokens, config.token_dim), generator=generator, device=device)
+    noise = torch.randn((1 if shared_noise else B, 1, config.num_tokens, config.token_dim), generator=generator,
+                        device=device).expand(B, -1, -1, -1)
     mask = torch.ones(B, 1, dtype=torch.bool, device=device) if action_mask is None else action_mask.view(B, 1)
 
     def predict_clean(x, tau, d):  # x (B, 1, N, D)
@@ -236,40 +239,53 @@ def sample_next(model, cache, action, K=4, action_mask=None, pred="x", mode="sho
 
 @torch.no_grad()
 def rollout(model, context, actions, K=4, context_actions=None, context_mask=None, context_noise=0.9, pred="x",
-            mode="shortcut", generator=None, action_mask=None, use_cache=True):
+            mode="shortcut", generator=None, action_mask=None, use_cache=True, shared_noise=False):
     """Imagine H frames after `context`, autoregressively: (B, C, N, D), (B, H, 7) -> (B, H, N, D).
 
-    B is any batch of candidate action sequences (the planner passes hundreds, the context expanded).
+    B is any batch of candidate action sequences (the planner passes hundreds). context (B, C, N, D),
+    or (1, C, N, D): one history shared by all B rows, computed once (with the KV cache: its keys and
+    values are then copied to the B rows) instead of B times.
     actions (B, H, 7) normalised, action h leading to generated frame h; action_mask (B,) for them,
-    default all True. context_actions (B, C, 7) normalised, or None for an unlabelled context;
-    context_mask (B,) or (B, C), default all True when context_actions is given. Context and
+    default all True. context_actions (B or 1, C, 7) normalised, or None for an unlabelled context;
+    context_mask (B or 1,) or (B or 1, C), default all True when context_actions is given. Context and
     generated frames are fed back re-noised to signal level context_noise (snapped to the model's
     τ grid). use_cache=False re-runs the whole past at every denoising step: the reference the
-    KV cache must equal (tests), and the baseline of its speed-up."""
+    KV cache must equal (tests), and the baseline of its speed-up.
+
+    shared_noise=True draws every noise once and uses it for all B rows (common random numbers): rows
+    that differ only in their actions then differ only because of the actions. A planner comparing
+    candidates wants this; with independent noise, part of each cost difference is sampling luck."""
     config = model.config
-    B, C = context.shape[:2]
-    H = actions.shape[1]
+    context_rows, C = context.shape[:2]
+    B, H = actions.shape[:2]
     k_max, device = config.k_max, context.device
+    if context_rows not in (1, B):
+        raise ValueError(f"context has {context_rows} rows; give 1 (shared) or one per action sequence ({B})")
     if context_actions is None:
-        context_actions = torch.zeros(B, C, config.action_dim, device=device)
-        context_mask = torch.zeros(B, dtype=torch.bool, device=device)
+        context_actions = torch.zeros(context_rows, C, config.action_dim, device=device)
+        context_mask = torch.zeros(context_rows, dtype=torch.bool, device=device)
     elif context_mask is None:
-        context_mask = torch.ones(B, dtype=torch.bool, device=device)
+        context_mask = torch.ones(context_rows, dtype=torch.bool, device=device)
     if action_mask is None:
         action_mask = torch.ones(B, dtype=torch.bool, device=device)
     tau_context = round(context_noise * k_max) / k_max
 
-    def as_context(tokens, frame_actions, mask):  # (B, F, N, D) clean -> a history tuple at τ_context
-        length = tokens.shape[1]
-        noise = torch.randn(tokens.shape, generator=generator, device=device)
-        return ((1 - tau_context) * noise + tau_context * tokens, torch.full((B, length), tau_context, device=device),
-                torch.full((B, length), 1.0 / k_max, device=device), frame_actions, mask.view(B, -1).expand(B, length))
+    def as_context(tokens, frame_actions, mask):  # (rows, F, N, D) clean -> a history tuple at τ_context
+        rows, length = tokens.shape[:2]
+        noise = torch.randn((1 if shared_noise else rows, *tokens.shape[1:]), generator=generator,
+                            device=device).expand(tokens.shape)
+        return ((1 - tau_context) * noise + tau_context * tokens, torch.full((rows, length), tau_context, device=device),
+                torch.full((rows, length), 1.0 / k_max, device=device), frame_actions,
+                mask.view(rows, -1).expand(rows, length))
 
     history, cache = as_context(context, context_actions, context_mask), None
     if use_cache:
-        cache = model.new_cache(B)
+        cache = model.new_cache(context_rows)
         model(*history, cache=cache, append=True)
+        cache = cache.repeat(B // context_rows)  # a shared context: computed once, copied to the B rows
         history = None
+    else:
+        history = tuple(part.expand(B, *part.shape[1:]) for part in history)
     frames = []
     for step in range(H):
         if step:  # the frame just generated joins the past, re-noised like the context
@@ -279,5 +295,5 @@ def rollout(model, context, actions, K=4, context_actions=None, context_mask=Non
             else:
                 history = tuple(torch.cat([past, frame], dim=1) for past, frame in zip(history, new))
         action = actions[:, step:step + 1]  # (B, 1, 7): from the last frame to the new one
-        frames.append(sample_next(model, cache, action, K, action_mask, pred, mode, generator, history))
+        frames.append(sample_next(model, cache, action, K, action_mask, pred, mode, generator, history, shared_noise))
     return torch.stack(frames, dim=1)

@@ -787,6 +787,7 @@ def test_train_ema_warms_up_and_then_averages():
 
 
 def test_train_sigint_then_resume_matches_uninterrupted(toy_train_run, tmp_path, monkeypatch):
+    import json
     argv, reference = toy_train_run
     out = tmp_path / "interrupted"
     original_loss = train_module.shortcut_forcing_loss
@@ -805,6 +806,10 @@ def test_train_sigint_then_resume_matches_uninterrupted(toy_train_run, tmp_path,
     monkeypatch.setattr(train_module, "shortcut_forcing_loss", original_loss)
     assert train_module.main(interrupted_argv + ["--resume", str(out / "checkpoint.pt")]) == 0
     assert _same_weights(_weights(out / "checkpoint.pt"), _weights(reference / "checkpoint.pt"))
+    logged_steps = lambda: [json.loads(line)["step"] for line in open(out / "log.jsonl")]  # noqa: E731
+    assert logged_steps() == [1, 2, 3, 4, 5, 6]  # the resumed run continued the log
+    assert train_module.main(interrupted_argv + ["--overwrite"]) == 0
+    assert logged_steps() == [1, 2, 3, 4, 5, 6]  # a fresh run starts a new log
 
 
 def test_train_hard_kill_then_resume_matches_uninterrupted(toy_train_run, tmp_path):
@@ -1269,6 +1274,8 @@ def test_bench_quick_measures_every_figure(tmp_path):
     report = json.load(open(tmp_path / "BENCH.json"))
     assert report["machine"]["matmul_gflops"] > 0
     assert 0 < report["training"][0]["mfu"] < 1.5 and report["training"][0]["flops_per_step"] > 0
+    if sys.platform == "linux":  # CPU peaks are read from /proc: after malloc_trim they are never hidden
+        assert report["training"][0]["peak_bytes"] > 2 ** 20 and report["cem"][0]["peak_bytes"] > 2 ** 20
     assert {entry["backend"] for entry in report["attention"]} >= {"plain", "sdpa"}
     assert all(entry["cached_per_frame"] > 0 and entry["recomputed_per_frame"] > 0 for entry in report["rollout"])
     assert [entry["K"] for entry in report["sampling"]] == [4, 64]

@@ -375,9 +375,9 @@ def write_markdown(path, report):
         "# Benchmarks", "",
         f"Written by `python bench.py{' --quick' if report['quick'] else ''}` on {report['date']}. "
         f"Machine: {machine['device_name']}, {machine['threads']} torch threads, torch {machine['torch']}, "
-        f"Python {machine['python']}. Measured matmul rate: **{machine['matmul_gflops']:.1f} GFLOP/s** (the best run, "
-        f"at the start and after each training figure; MFU is against it) "
-        f"({machine['matmul_dtype']}, n = {machine['matmul_n']}). Each figure: median of {report['repeats']} "
+        f"Python {machine['python']}. Measured matmul rate: **{machine['matmul_gflops']:.1f} GFLOP/s** "
+        f"({machine['matmul_dtype']}, n = {machine['matmul_n']}; the best run, at the start and after each training "
+        "figure; MFU is against it). Each figure: median of {report['repeats']} "
         "runs after warm-up. Peak memory on CPU: resident memory above the start, in one extra run after malloc "
         "handed back the memory it kept (n/a: under 1 MB, or not Linux).", "",
         "## Training step (forward + backward + AdamW)", "",

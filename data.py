@@ -33,7 +33,6 @@ DROID in LeRobot format, used as action-free video) and `droid_subset` (labelled
 same repo, disjoint by episode from what `droid` uses).
 """
 import json
-import math
 import os
 
 import datasets

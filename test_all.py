@@ -691,6 +691,29 @@ def test_shortcut_rollout_cache_matches_recompute(pred, mode):
         action_mask=unknown))
 
 
+def test_shortcut_rollout_shared_context_and_noise():
+    """A (1, C) context run once and copied to the rows equals that context expanded to every row;
+    with shared noise, rows with the same actions imagine the same future, and only actions differ."""
+    model = seeded_model(small_dynamics_config())
+    x, _, _, actions, _ = dynamics_inputs(model.config, batch=3, frames=6)
+    context, context_actions = x[:1, :2], actions[:1, :2]
+    future = actions[:1, 2:].repeat(3, 1, 1)
+    future[2] += 1  # the third row plans other actions
+    run = lambda tokens, frame_actions, **options: shortcut.rollout(  # noqa: E731
+        model, tokens, future, K=4, context_actions=frame_actions, shared_noise=True,
+        generator=torch.Generator().manual_seed(0), **options)
+    shared = run(context, context_actions)
+    torch.testing.assert_close(shared, run(context.expand(3, -1, -1, -1), context_actions.expand(3, -1, -1)))
+    torch.testing.assert_close(shared, run(context, context_actions, use_cache=False), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared[0], shared[1])  # same actions, same noise: same future
+    assert (shared[2] - shared[0]).abs().max() > 1e-4
+    independent = shortcut.rollout(model, context, future, K=4, context_actions=context_actions,
+                                   generator=torch.Generator().manual_seed(0))
+    assert (independent[0] - independent[1]).abs().max() > 1e-4  # independent noise: the rows differ
+    with pytest.raises(ValueError, match="rows"):
+        shortcut.rollout(model, x[:2, :2], future, K=4)
+
+
 def two_mode_sequences(batch, frames, generator, direction, pattern):
     """Frame t = position_t·direction ± pattern: the position follows the actions (a sequence task),
     the sign is a fair coin per frame (two modes, so a one-step sample falls between them)."""

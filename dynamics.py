@@ -32,7 +32,9 @@ factorises it instead, and a reshape is all it takes:
     space layer:  (B, T, S, C) -> (B·T, S, C)   every token sees the tokens of its own frame
     time layer:   (B, T, S, C) -> (B·S, T, C)   every slot sees the same slot in frames ≤ t
 
-Every `time_every`-th layer is a time layer (Dreamer 4 uses 4); the rest are space layers.
+Every `time_every`-th layer is a time layer (Dreamer 4 uses 4); the rest are space layers. Both
+kinds must exist (2 <= time_every <= depth): space layers are the only way the action tokens of a
+frame reach its patch tokens, time layers the only way frames see each other.
 Information flows from frame t to t+1 only through time layers, and only forwards (causal
 mask), so the model is block causal by construction. Time layers rotate queries and keys by
 their frame index (RoPE): attention then depends only on the distance in time, which is what
@@ -116,8 +118,11 @@ class DynamicsConfig:
             raise ValueError(f"unknown attention backend {self.attention!r}")
         if self.attention == "sdpa" and self.soft_cap > 0:
             raise ValueError("attention='sdpa' cannot apply a soft cap: use soft_cap=0 or another backend")
-        if self.time_every < 1:
-            raise ValueError("time_every must be >= 1")
+        if not 2 <= self.time_every <= self.depth:
+            # time_every = 1 leaves no space layer: every slot sees only itself over time, so the
+            # action tokens never reach the patch tokens. time_every > depth leaves no time layer.
+            raise ValueError(f"time_every must be between 2 and depth ({self.depth}), so that both space and "
+                             f"time layers exist; got {self.time_every}")
 
     @property
     def tokens_per_frame(self):

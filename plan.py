@@ -413,22 +413,30 @@ def evaluate_closed_loop(policy, pairs, max_steps=2 * PATH_STEPS, tolerance=TOLE
                 steps=mean("steps"), episodes=episodes)
 
 
-# The benchmark's planner: small enough for minutes on 2 CPU cores (the DINO-WM defaults imagine
-# 300 x 5 frames 10 times per action, ~20x these 64 x 3 x 4), large enough for the oracle to succeed.
+# Two planner sizes for the toy benchmark, each with its sampling steps K.
+# "benchmark": small enough for minutes on 2 CPU cores (DINO-WM's defaults imagine 300 x 5 frames
+#   10 times per action, ~20x these 64 x 3 x 4), large enough for the oracle to succeed.
+# "fast": ~10x cheaper again (0.4 s per MPC step on 2 CPU cores), for the planning test and the
+#   ablations' closed-loop columns. K = 1: one step predicts the conditional mean, which is what
+#   the MSE cost compares.
 BENCHMARK_PLANNER = dict(horizon=3, samples=64, top_k=8, iterations=4, replan_every=1)
+FAST_PLANNER = dict(horizon=2, samples=32, top_k=6, iterations=3, replan_every=1)
+PLANNER_SIZES = {"benchmark": (BENCHMARK_PLANNER, 4), "fast": (FAST_PLANNER, 1)}  # (CEM options, K)
 
 
-def closed_loop_report(checkpoint_path, pairs=20, seed=0, max_steps=2 * PATH_STEPS, K=None, oracle=False, task="pose",
-                       device="cpu", progress=False, **planner_options):
+def closed_loop_report(checkpoint_path, pairs=20, seed=0, max_steps=2 * PATH_STEPS, size="benchmark", K=None,
+                       oracle=False, task="pose", device="cpu", progress=False, **planner_options):
     """CEM MPC with a checkpoint (or the simulator oracle) vs random actions on the same `pairs`
-    random start/goal pairs of the toy world's `task`. Used by eval.py and the tests."""
-    world_model = WorldModel.load(checkpoint_path, device, K=K or 4)
-    options = {**BENCHMARK_PLANNER, **TASKS[task]["bounds"], **planner_options, "seed": seed}
+    random start/goal pairs of the toy world's `task`, with a planner of the given `size`
+    (PLANNER_SIZES; K and planner_options override it). Used by eval.py and the tests."""
+    size_options, size_K = PLANNER_SIZES[size]
+    world_model = WorldModel.load(checkpoint_path, device, K=K or size_K)
+    options = {**size_options, **TASKS[task]["bounds"], **planner_options, "seed": seed}
     model = SimOracle(world_model.encoder, world_model.token_stats, world_model.action_stats) if oracle else world_model
     planner = CEMPlanner(model, **options)
     pair_list = make_pairs(pairs, seed, task=task)
     start = time.perf_counter()
-    report = dict(task=task, pairs=pairs, max_steps=max_steps, tolerance=TOLERANCE, path_steps=PATH_STEPS,
+    report = dict(task=task, size=size, pairs=pairs, max_steps=max_steps, tolerance=TOLERANCE, path_steps=PATH_STEPS,
                   oracle=oracle, K=world_model.K, planner_options=options,
                   planner=evaluate_closed_loop(planner, pair_list, max_steps, progress=progress))
     report["seconds"] = time.perf_counter() - start

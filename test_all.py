@@ -536,7 +536,8 @@ def test_dynamics_presets_shapes_and_config_errors(capsys, monkeypatch):
     assert DynamicsConfig.preset("droid").num_tokens == 256 and DynamicsConfig.preset("droid").token_dim == 384
     with pytest.raises(ValueError, match="unknown preset"):
         DynamicsConfig.preset("huge")
-    for bad in (dict(k_max=12), dict(kv_heads=3), dict(head="mlp"), dict(attention="sdpa", soft_cap=50.0)):
+    for bad in (dict(k_max=12), dict(kv_heads=3), dict(head="mlp"), dict(attention="sdpa", soft_cap=50.0),
+                dict(time_every=1), dict(time_every=5)):
         with pytest.raises(ValueError):
             small_dynamics_config(**bad)
     monkeypatch.setattr(sys, "argv", ["dynamics.py", "--preset", "tiny"])
@@ -898,7 +899,7 @@ def test_train_bad_input_fails_with_one_clear_line(toy_train_run, tmp_path):
     torch.save({"weights": torch.zeros(3)}, foreign)
     code, line = run(with_out(tmp_path / "c", "--resume", str(foreign)))
     assert code != 0 and "not a checkpoint of this project" in line
-    other_config = with_out(tmp_path / "d", "--resume", str(checkpoint), "--time-every", "1")
+    other_config = with_out(tmp_path / "d", "--resume", str(checkpoint), "--time-every", "2")
     code, line = run(other_config)
     assert code != 0 and "another configuration" in line
     code, line = run(["--labeled", str(argv[1])])
@@ -1029,10 +1030,9 @@ def toy_planning_run(tmp_path_factory, tiny_dinov2_dir):
 
 
 def test_plan_trained_model_beats_random_on_toy_reaching(toy_planning_run):
-    """The learned model in the loop, 20 reaching pairs, against random actions on the same pairs.
-    K = 1 (one step predicts the conditional mean, which the MSE cost compares; also the cheapest)."""
-    report = plan_module.closed_loop_report(toy_planning_run, pairs=20, K=1, task="reach", samples=32, horizon=2,
-                                            iterations=3, top_k=6)
+    """The learned model in the loop, 20 reaching pairs, against random actions on the same pairs,
+    with the fast planner (CEM 32 x 2 x 3 at K = 1)."""
+    report = plan_module.closed_loop_report(toy_planning_run, pairs=20, size="fast", task="reach")
     planned, random = report["planner"], report["random"]
     print(f"reach: CEM {planned['success_rate']:.0%} vs random {random['success_rate']:.0%}; position error "
           f"{planned['final_position_error']:.3f} vs {random['final_position_error']:.3f} m; {report['seconds']:.0f} s")
@@ -1267,17 +1267,24 @@ def test_eval_report_of_a_checkpoint(toy_train_run, tmp_path):
 
 
 def test_eval_fast_ablations_write_table_and_plot(toy_labeled_root, toy_unlabeled_root, tiny_dinov2_dir, tmp_path):
+    def run_ablations(names, steps=2):
+        return eval_module.run_ablations(
+            str(tmp_path), steps=steps, pairs=1, clips=2, k_max=8, planner_options=SMALL_PLANNER, names=names,
+            toy_datasets=(toy_labeled_root, toy_unlabeled_root), context=1, horizon=2,
+            train_arguments=["--encoder", tiny_dinov2_dir, "--batch-size", "2", "--clip-length", "3",
+                             "--warmup", "1", "--stats-batches", "1"])
+
     names = ["baseline", "diffusion_forcing", "labeled_5_alone"]
-    results = eval_module.run_ablations(
-        str(tmp_path), steps=2, pairs=1, clips=2, k_max=8, planner_options=SMALL_PLANNER, names=names,
-        toy_datasets=(toy_labeled_root, toy_unlabeled_root), context=1, horizon=2,
-        train_arguments=["--encoder", tiny_dinov2_dir, "--batch-size", "2", "--clip-length", "3", "--warmup", "1",
-                         "--stats-batches", "1"])
+    results = run_ablations(["labeled_5_alone"])
+    results = run_ablations(["baseline", "diffusion_forcing"])  # the earlier variant stays, in the table's order
     assert list(results) == names
     assert results["diffusion_forcing"]["mode"] == "diffusion" and results["baseline"]["mode"] == "shortcut"
     table = open(tmp_path / "ablations.md").read()
     assert all(f"| {name} |" in table for name in names)
+    loop = results["baseline"]["closed_loop"]  # the ablations plan on the reach task, at the fast planner's K = 1
+    assert loop["task"] == "reach" and loop["size"] == "fast" and loop["K"] == 1 and "Closed loop: task reach" in table
     assert os.path.isfile(tmp_path / "ablations.png")
+    assert list(run_ablations(["baseline"], steps=3)) == ["baseline"]  # other settings: earlier results dropped
     result = subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), "--checkpoint", str(tmp_path / "nothing.pt")],
                             capture_output=True, text=True)
     assert result.returncode != 0 and result.stderr.strip().splitlines()[-1].startswith("error:")

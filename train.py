@@ -362,6 +362,7 @@ def train(args):
 
     try:
         frozen_encoder = encoder_module.Encoder(args.encoder, pool=args.pool).to(device)
+        config = model_config_from_arguments(args, frozen_encoder)
         datasets = build_datasets(args, frozen_encoder.image_size)
     except (data.DatasetError, OSError, ValueError) as error:
         raise SystemExit(f"error: {error}")
@@ -378,7 +379,6 @@ def train(args):
             (encode_batch(batch, frozen_encoder, device) for batch in stats_loader),
             max_batches=args.stats_batches)
 
-    config = model_config_from_arguments(args, frozen_encoder)
     if resumed is not None and resumed["model_config"] != dataclasses.asdict(config):
         raise SystemExit(f"error: {args.resume} holds a model of another configuration; resume with the "
                          f"flags it was trained with")

@@ -323,7 +323,8 @@ def bench_cem(preset, device, repeats, samples=300, horizon=5, iterations=10, lo
 def bench_data(work, device, batches, quick):
     """Clips/s (8 frames each, batch 8) of the toy dataset through both paths."""
     root = sim.write_toy_dataset(os.path.join(work, "toy"), episodes=4, steps_per_episode=40, seed=3)
-    encoders = [("tiny DINOv2 (toy, 64 px)", encoder_module.make_tiny_dinov2(os.path.join(work, "dinov2_tiny")), 2)]
+    encoders = [("tiny DINOv2 (toy, 64 px)", encoder_module.make_tiny_dinov2(os.path.join(work, "dinov2_tiny")),
+                 encoder_module.TOY_POOL)]
     if not quick:
         encoders.append(("DINOv2-S size (224 px)", encoder_module.make_tiny_dinov2(
             os.path.join(work, "dinov2_small"), image_size=224, patch_size=14, hidden_size=384, layers=12, heads=6,
@@ -377,7 +378,7 @@ def write_markdown(path, report):
         f"Machine: {machine['device_name']}, {machine['threads']} torch threads, torch {machine['torch']}, "
         f"Python {machine['python']}. Measured matmul rate: **{machine['matmul_gflops']:.1f} GFLOP/s** "
         f"({machine['matmul_dtype']}, n = {machine['matmul_n']}; the best run, at the start and after each training "
-        "figure; MFU is against it). Each figure: median of {report['repeats']} "
+        f"figure; MFU is against it). Each figure: median of {report['repeats']} "
         "runs after warm-up. Peak memory on CPU: resident memory above the start, in one extra run after malloc "
         "handed back the memory it kept (n/a: under 1 MB, or not Linux).", "",
         "## Training step (forward + backward + AdamW)", "",

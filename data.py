@@ -133,7 +133,7 @@ def apply_delta_ee(state, action):
 # Opening a LeRobot dataset: local folder, hub id, or alias, with errors a person can act on.
 
 
-def resolve_source(source, role):
+def resolve_source(source):
     """(repo_id, root, episode filter) of a source. Aliases split DROID by episode: `droid_subset`
     keeps every DROID_LABELED_EVERY-th episode, `droid` the others, so the roles never share one."""
     if source in ("droid", "droid_subset"):
@@ -148,9 +148,9 @@ def resolve_source(source, role):
     return source, None, None
 
 
-def load_metadata(source, role):
+def load_metadata(source):
     from lerobot.datasets.lerobot_dataset import LeRobotDatasetMetadata
-    repo_id, root, episode_filter = resolve_source(source, role)
+    repo_id, root, episode_filter = resolve_source(source)
     try:
         metadata = LeRobotDatasetMetadata(repo_id, root=root)
     except Exception as error:  # offline, unknown repo, gated repo, ...
@@ -201,7 +201,7 @@ class ClipDataset(torch.utils.data.Dataset):
         self.source, self.role, self.camera_key = source, role, camera_key
         self.state_keys, self.clip_length, self.frame_stride = tuple(state_keys), clip_length, frame_stride
         self.image_size, self.streaming = image_size, streaming
-        repo_id, root, episode_filter, self.metadata = load_metadata(source, role)
+        repo_id, root, episode_filter, self.metadata = load_metadata(source)
         self.check_keys()
         lengths = np.asarray(self.metadata.episodes["length"])
         candidates = range(len(lengths)) if episodes is None else episodes

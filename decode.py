@@ -10,7 +10,7 @@ tokens of a frozen representation encoder such as DINOv2 keep enough of the imag
 ViT decoder trained on top of them reconstructs it well. So: encoder frozen, decoder trained, and
 gradients never flow into the encoder or into the world model: the decoder only reads tokens.
 
-Shapes (toy world: 64 px frames, tiny DINOv2 with 8 px patches pooled 2x2 -> 4x4 grid):
+Shapes (toy world: 64 px frames, tiny DINOv2 with 4 px patches pooled 4x4 -> 4x4 grid):
 
     tokens z          (B, N, D)          normalised per channel with the TokenStats it was trained with
     linear in         (B, N, W)          + learned position embedding, one per grid cell
@@ -19,7 +19,7 @@ Shapes (toy world: 64 px frames, tiny DINOv2 with 8 px patches pooled 2x2 -> 4x4
     unpatchify        (B, 3, H, W)       token (i, j) paints the p x p square at row i, column j
     + canvas, sigmoid (B, 3, H, W)       in [0, 1]; canvas: a learned per-pixel logit, see Decoder
 
-  toy:   N = 16 (4x4), D = 64,  p = 16 (8 px patch x pool 2), 64 x 64 images
+  toy:   N = 16 (4x4), D = 128, p = 16 (4 px patch x pool 4), 64 x 64 images
   DROID: N = 256 (16x16), D = 384, p = 14 (DINOv2-S patch), 224 x 224 images
 
 Noise augmentation (RAE). The decoder is trained on z + sigma * eps, eps ~ N(0, I), with sigma
@@ -257,7 +257,7 @@ def build_argument_parser():
     parser.add_argument("--camera-key", default=data.CAMERA_KEY)
     parser.add_argument("--encoder", help=f"DINOv2 hub id or local folder (default: the toy tiny DINOv2 with no "
                                           f"--dataset, else {encoder_module.DEFAULT_ENCODER})")
-    parser.add_argument("--pool", type=int, help="k x k pooling of the patch grid (default 2 on the toy world, else 1)")
+    parser.add_argument("--pool", type=int, help=f"k x k pooling of the patch grid (default {encoder_module.TOY_POOL} on the toy world, else 1)")
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     parser.add_argument("--noise-tau", type=float, default=0.8, help="token noise sigma ~ U(0, tau)")
     parser.add_argument("--perceptual", type=float, default=0.1, help="weight of the frozen-encoder feature loss")
@@ -289,7 +289,7 @@ def parse_arguments(argv=None):
     args.toy = args.dataset is None
     args.lr = args.lr or PRESET_LR[args.preset]
     if args.toy:
-        args.pool = 2 if args.pool is None else args.pool
+        args.pool = encoder_module.TOY_POOL if args.pool is None else args.pool
         args.out = args.out or TOY_DECODER_DIR
     else:
         args.encoder = args.encoder or encoder_module.DEFAULT_ENCODER

@@ -12,8 +12,8 @@ space fixed, so the planner's cost, the goal image's tokens and the decoder all 
 
 Why pooling. DINOv2-S at 224 px gives 16×16 = 256 tokens of width 384 per frame; attention cost
 grows with tokens², so averaging k×k neighbouring patches (k = 2: 64 tokens) buys a 4× cheaper
-space attention for a coarser picture. The toy world uses a tiny DINOv2 with 8×8 patches of its
-64 px frames, pooled 2×2: 16 tokens.
+space attention for a coarser picture. The toy world uses a tiny DINOv2 with DINOv2-S's 16×16 patch
+grid (4 px patches of its 64 px frames, width 128), pooled 4×4: 16 tokens of 128.
 
 Weights. Real runs load `facebook/dinov2-with-registers-small` (the default) or any other
 DINOv2 (with or without registers) by hub id or local folder, with `from_pretrained` and remote
@@ -43,7 +43,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 DEFAULT_ENCODER = "facebook/dinov2-with-registers-small"
-TOY_ENCODER_DIR = os.path.join("toy_data", "dinov2_tiny")
+TOY_ENCODER_DIR = os.path.join("toy_data", "dinov2_tiny_p4")
+TOY_POOL = 4  # the toy's 16x16 patch grid pooled to 4x4 = 16 tokens per frame
+COARSE_ENCODER_DIR = os.path.join("toy_data", "dinov2_tiny_p8")  # the earlier toy encoder, for the ablation
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -98,9 +100,16 @@ class Encoder(nn.Module):
         return patches
 
 
-def make_tiny_dinov2(path, image_size=64, patch_size=8, hidden_size=64, layers=2, heads=4, registers=4, seed=0):
+def make_tiny_dinov2(path, image_size=64, patch_size=4, hidden_size=128, layers=2, heads=4, registers=4, seed=0):
     """A tiny, randomly initialised DINOv2 with registers saved with save_pretrained: what tests
-    and the toy demo load through from_pretrained, exactly like a hub id."""
+    and the toy demo load through from_pretrained, exactly like a hub id.
+
+    Its size is measured, not guessed: how much of the gripper's pose a linear read-out recovers
+    from the 16 pooled tokens (R², 3000 random poses, held-out 1000) grows with the patch grid and
+    the width: 8 px patches × width 64 gave position 0.87-0.98, rotation 0.64-0.90, gripper 0.28;
+    4 px patches (DINOv2-S's 16×16 grid) × width 128 give 0.94-0.99, 0.84-0.94 and 0.55, and a
+    world model trained on them learns what the actions do faster (README). Wider still (384)
+    reads out better but trains worse: the tiny model's width is 128."""
     from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
     torch.manual_seed(seed)
     config = Dinov2WithRegistersConfig(image_size=image_size, patch_size=patch_size, hidden_size=hidden_size,
@@ -110,10 +119,10 @@ def make_tiny_dinov2(path, image_size=64, patch_size=8, hidden_size=64, layers=2
     return path
 
 
-def ensure_tiny_dinov2(path=TOY_ENCODER_DIR):
-    """The toy default's encoder, created once."""
+def ensure_tiny_dinov2(path=TOY_ENCODER_DIR, **sizes):
+    """The toy default's encoder (or a tiny DINOv2 of other `sizes`, make_tiny_dinov2's), created once."""
     if not os.path.isfile(os.path.join(path, "config.json")):
-        make_tiny_dinov2(path)
+        make_tiny_dinov2(path, **sizes)
     return path
 
 

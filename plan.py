@@ -34,9 +34,9 @@ Keep a diagonal Gaussian over action sequences, mean μ (H, 7) and std σ (H, 7)
 Each refit moves μ toward what worked and shrinks σ around it, so later iterations search finer
 near better plans; a^0 = μ keeps the current best guess in the race. The plan is the final μ; one
 more rollout of μ alone gives its predicted cost and imagined frames (for pictures).
-One iteration costs H·(K + 1) model passes over S rows of one frame each (K denoising steps, then
-one pass that writes the finished frame into the KV cache); the C context frames go in once, as
-one row whose keys and values are copied to the S rows.
+One iteration costs H·K + H − 1 model passes over S rows of one frame each (K denoising steps per
+frame, and for every frame but the last one more pass that writes it into the KV cache), plus one
+pass over the C context frames as a single row, whose keys and values are copied to the S rows.
 
 All S candidates share the same noise (common random numbers: WorldModel.shared_noise). The model
 samples a future, so with independent noise part of each cost difference would be sampling luck
@@ -56,9 +56,13 @@ The model is imperfect, so execute only the first `replan_every` actions, observ
 Warm start: the next search starts from the rest of the last plan, shifted by what was executed
 and padded with μ = 0; σ restarts at σ₀ so the planner can still change its mind.
 
-Defaults, as DINO-WM: H = 5, S = 300, k = 30, σ₀ = 1, no momentum; I = 10, the low end of its
-10-30 (V-JEPA 2-AC: H = 2, S = 400, k = 10, I = 10, momentum 0.15). K = 4 shortcut steps per frame.
-Seconds per MPC step at these defaults, measured: BENCHMARKS.md (`python bench.py`).
+Planner sizes (PLANNER_SIZES, --planner): "dino-wm", the default for real checkpoints, as DINO-WM:
+H = 5, S = 300, k = 30, σ₀ = 1, no momentum, I = 10 (the low end of its 10-30; V-JEPA 2-AC: H = 2,
+S = 400, k = 10, I = 10, momentum 0.15), K = 4 shortcut steps per frame. Seconds per MPC step at
+these settings, measured: BENCHMARKS.md (`python bench.py`). "toy", the default for toy
+checkpoints: H = 3, S = 64, k = 8, I = 3 at K = 1 (the toy's 8-step goals need no longer horizon,
+and 50 closed-loop episodes must fit in 10 minutes on 2 CPU cores). "fast": H = 2, S = 32, k = 6,
+I = 3 at K = 1, for tests.
 
 5. The toy-world benchmark (sim.py)
 -----------------------------------
@@ -93,6 +97,7 @@ from train import TOY_RUN_DIR, CheckpointError, load_world_model
 
 DEFAULT_CHECKPOINT = os.path.join(TOY_RUN_DIR, "checkpoint.pt")
 PATH_STEPS = 8  # benchmark goals lie PATH_STEPS smooth random actions away from the start
+MAX_STEPS = 2 * PATH_STEPS  # the closed-loop step budget: twice the length of the path to the goal
 TOLERANCE = dict(position=0.02, rotation=0.15, gripper=0.15)  # metres, radians, opening in [0, 1]
 
 
@@ -141,13 +146,14 @@ class WorldModel:
         self.shared_noise = shared_noise  # one noise draw for all candidates: costs differ by the actions only
 
     @classmethod
-    def load(cls, path, device="cpu", K=4):
+    def load(cls, path, device="cpu", K=1):
         model, checkpoint = load_world_model(path, device)
         frozen_encoder = encoder_module.Encoder(checkpoint["encoder"]["name_or_path"],
                                                 pool=checkpoint["encoder"]["pool"]).to(device)
         world_model = cls(model, frozen_encoder, encoder_module.TokenStats(**checkpoint["token_stats"]),
                           data.ActionStats(**checkpoint["action_stats"]), K, checkpoint["train_args"]["pred"],
-                          checkpoint["train_args"]["mode"], toy=checkpoint["toy"])
+                          checkpoint["train_args"]["mode"], checkpoint["train_args"].get("context_noise", 0.9),
+                          toy=checkpoint["toy"])
         world_model.checkpoint = checkpoint
         return world_model
 
@@ -382,7 +388,7 @@ def reached(pose, goal, tolerance=TOLERANCE):
     return position <= tolerance["position"] and rotation <= tolerance["rotation"] and gripper <= tolerance["gripper"]
 
 
-def run_episode(policy, start, goal, max_steps=2 * PATH_STEPS, tolerance=TOLERANCE):
+def run_episode(policy, start, goal, max_steps=MAX_STEPS, tolerance=TOLERANCE):
     """Act until the pose is within tolerance of the goal or max_steps actions were taken. The
     simulator, not the policy, checks the goal. Returns a dict of the outcome and the frames seen."""
     pose, frames = np.asarray(start, dtype=np.float64), [sim.render(start)]
@@ -397,7 +403,7 @@ def run_episode(policy, start, goal, max_steps=2 * PATH_STEPS, tolerance=TOLERAN
                 rotation_error=float(rotation), gripper_error=float(gripper), frames=frames, final_pose=pose)
 
 
-def evaluate_closed_loop(policy, pairs, max_steps=2 * PATH_STEPS, tolerance=TOLERANCE, progress=False):
+def evaluate_closed_loop(policy, pairs, max_steps=MAX_STEPS, tolerance=TOLERANCE, progress=False):
     """Run `policy` (MPCPolicy, RandomPolicy, a CEMPlanner: wrapped in MPCPolicy) from every start to
     its goal. Returns success_rate, mean final errors and steps, and per-episode outcomes."""
     if isinstance(policy, CEMPlanner):
@@ -413,18 +419,20 @@ def evaluate_closed_loop(policy, pairs, max_steps=2 * PATH_STEPS, tolerance=TOLE
                 steps=mean("steps"), episodes=episodes)
 
 
-# Two planner sizes for the toy benchmark, each with its sampling steps K.
-# "benchmark": small enough for minutes on 2 CPU cores (DINO-WM's defaults imagine 300 x 5 frames
-#   10 times per action, ~20x these 64 x 3 x 4), large enough for the oracle to succeed.
-# "fast": ~10x cheaper again (0.4 s per MPC step on 2 CPU cores), for the planning test and the
-#   ablations' closed-loop columns. K = 1: one step predicts the conditional mean, which is what
-#   the MSE cost compares.
-BENCHMARK_PLANNER = dict(horizon=3, samples=64, top_k=8, iterations=4, replan_every=1)
-FAST_PLANNER = dict(horizon=2, samples=32, top_k=6, iterations=3, replan_every=1)
-PLANNER_SIZES = {"benchmark": (BENCHMARK_PLANNER, 4), "fast": (FAST_PLANNER, 1)}  # (CEM options, K)
+# Planner sizes, each with its sampling steps K (plan.py --planner, eval.py --planner).
+# "dino-wm": DINO-WM's defaults, 300 samples x horizon 5, top 30, 10 iterations, at K = 4: for a GPU
+#   (on 2 CPU cores one MPC step of the tiny model takes over a minute: BENCHMARKS.md).
+# "toy": the toy world's default, 64 x 3, top 8, 4 iterations at K = 1: small enough that the 50-pair
+#   closed-loop evaluation runs in minutes on 2 CPU cores, large enough for the simulator oracle to
+#   reach full poses. K = 1: one step predicts the conditional mean, which is what the MSE cost
+#   compares (eval.py: K = 1 has the lowest token MSE).
+# "fast": 32 x 2, top 6, 3 iterations at K = 1: the tests and the ablations' closed-loop columns.
+PLANNER_SIZES = {"dino-wm": (dict(horizon=5, samples=300, top_k=30, iterations=10), 4),
+                 "toy": (dict(horizon=3, samples=64, top_k=8, iterations=3), 1),
+                 "fast": (dict(horizon=2, samples=32, top_k=6, iterations=3), 1)}
 
 
-def closed_loop_report(checkpoint_path, pairs=20, seed=0, max_steps=2 * PATH_STEPS, size="benchmark", K=None,
+def closed_loop_report(checkpoint_path, pairs=50, seed=0, max_steps=MAX_STEPS, size="toy", K=None,
                        oracle=False, task="pose", device="cpu", progress=False, **planner_options):
     """CEM MPC with a checkpoint (or the simulator oracle) vs random actions on the same `pairs`
     random start/goal pairs of the toy world's `task`, with a planner of the given `size`
@@ -475,11 +483,14 @@ def build_argument_parser():
     parser.add_argument("--save", help="write a picture strip (PNG): observations, imagined frames, goal")
     parser.add_argument("--decoder", help="decoder checkpoint (decode.py) to picture imagined frames; default: "
                                           "the toy decoder when it exists")
-    group = parser.add_argument_group("planner (defaults as DINO-WM)")
-    group.add_argument("--horizon", type=int, default=5, help="H actions per plan")
-    group.add_argument("--samples", type=int, default=300, help="S candidate sequences per CEM iteration")
-    group.add_argument("--top-k", type=int, default=30, help="elites refitted per iteration")
-    group.add_argument("--iterations", type=int, default=10, help="CEM iterations per plan")
+    group = parser.add_argument_group("planner (sizes: PLANNER_SIZES; --horizon, --samples, --top-k, --iterations "
+                                      "and --K override the size's)")
+    group.add_argument("--planner", choices=sorted(PLANNER_SIZES),
+                       help="planner size; default: toy for a toy-world checkpoint, dino-wm otherwise")
+    group.add_argument("--horizon", type=int, help="H actions per plan")
+    group.add_argument("--samples", type=int, help="S candidate sequences per CEM iteration")
+    group.add_argument("--top-k", type=int, help="elites refitted per iteration")
+    group.add_argument("--iterations", type=int, help="CEM iterations per plan")
     group.add_argument("--sigma", type=float, default=1.0, help="initial std, normalised action units")
     group.add_argument("--momentum", type=float, default=0.0, help="weight of the old mean/std in each refit")
     group.add_argument("--cost", choices=["mse", "l1"], default="mse", help="token distance to the goal")
@@ -488,13 +499,13 @@ def build_argument_parser():
     group.add_argument("--max-translation", type=float, default=0.05, help="bound on |dxyz| per action, metres")
     group.add_argument("--max-rotation", type=float, help="bound on the rotation-vector norm, radians")
     group.add_argument("--max-gripper", type=float, help="bound on |dgripper| per action")
-    group.add_argument("--K", type=int, default=4, help="shortcut denoising steps per imagined frame")
+    group.add_argument("--K", type=int, help="shortcut denoising steps per imagined frame")
     group.add_argument("--seed", type=int, default=0)
     group = parser.add_argument_group("toy-world loop (no --obs)")
     group.add_argument("--replan-every", type=int, default=1, help="actions executed before re-planning")
     group.add_argument("--no-warm-start", action="store_true", help="start every plan from mean 0")
     group.add_argument("--context-frames", type=int, default=2, help="recent frames given to the model")
-    group.add_argument("--max-steps", type=int, default=3 * PATH_STEPS, help="step budget of the episode")
+    group.add_argument("--max-steps", type=int, default=MAX_STEPS, help="step budget of the episode")
     group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser
 
@@ -606,9 +617,13 @@ def main(argv=None):
         raise SystemExit(f"error: --obs is required (current camera frame(s)) unless a toy-world checkpoint "
                          f"exists: {DEFAULT_CHECKPOINT} is missing (python train.py makes it)")
     try:
-        world_model = WorldModel.load(args.checkpoint, args.device, K=args.K)
+        world_model = WorldModel.load(args.checkpoint, args.device)
     except CheckpointError as error:
         raise SystemExit(f"error: {error}")
+    size_options, size_K = PLANNER_SIZES[args.planner or ("toy" if world_model.toy else "dino-wm")]
+    for name, value in size_options.items():  # flags given explicitly win over the size's values
+        setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
+    world_model.K = args.K = size_K if args.K is None else args.K
     if args.obs is None and not world_model.toy:
         raise SystemExit(f"error: --obs is required: {args.checkpoint} was not trained on the toy world, so "
                          f"there is no simulator to run the loop in")

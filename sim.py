@@ -21,13 +21,15 @@ the fingers. The background is a fixed, smooth colour texture with a faint grid,
 never trivially blank. The gripper is drawn large on purpose: the planner compares coarse 4×4
 token grids, and overlapping, smoothly changing pictures make that distance informative.
 
-Datasets. `write_toy_dataset` drives the gripper with smooth random actions (an AR(1) process
-per dimension, like a teleoperator's persistent motions) and writes a real LeRobot v3.0 dataset
-through lerobot's own `LeRobotDataset.create / add_frame / save_episode / finalize`, with DROID's
-key names. `ensure_toy_datasets` writes the demo's labelled and unlabelled sets once (different
-seeds, so different episodes).
+Datasets. `write_toy_dataset` drives the gripper with random actions, smooth (an AR(1) process
+per dimension, like a teleoperator's persistent motions) or, in exploratory segments, drawn afresh
+every step, and writes a real LeRobot v3.0 dataset through lerobot's own `LeRobotDataset.create /
+add_frame / save_episode / finalize`, with DROID's key names; frames losslessly as PNG by default,
+or as AV1 video like DROID's. `ensure_toy_datasets` writes the demo's labelled and unlabelled sets
+once (different seeds, so different episodes).
 """
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -181,22 +183,33 @@ ACTION_SCALE = np.array([0.012, 0.012, 0.008, 0.05, 0.05, 0.08, 0.08])  # per-st
 
 def smooth_actions(rng, steps, smoothing=0.8):
     """(steps, 7) random delta-EE actions, low-pass filtered (AR(1)) so motions persist a few steps
-    like a teleoperator's, with the per-step spread ACTION_SCALE."""
+    like a teleoperator's, with the per-step spread ACTION_SCALE. smoothing: a number, or one per step
+    (0: that step's action is drawn afresh, independent of the last)."""
     noise = rng.normal(size=(steps, 7))
+    smoothing = np.broadcast_to(np.asarray(smoothing, dtype=np.float64), (steps,))
     actions = np.empty_like(noise)
     previous = noise[0]
     for t in range(steps):
-        previous = smoothing * previous + np.sqrt(1 - smoothing ** 2) * noise[t]
+        previous = smoothing[t] * previous + np.sqrt(1 - smoothing[t] ** 2) * noise[t]
         actions[t] = previous
     return actions * ACTION_SCALE
 
 
-def random_trajectory(rng, steps, pull=0.1, switch=1 / 15):
-    """(steps, 7) poses of one episode: smooth random actions plus `pull` times the delta EE towards a
+def random_trajectory(rng, steps, pull=0.1, switch=1 / 15, explore=0.0, segment=1 / 10):
+    """(steps, 7) poses of one episode: random actions plus `pull` times the delta EE towards a
     waypoint inside the workspace, re-drawn about every 1/switch steps. Without the pull the motion is
-    a random walk that spends most steps pressed against a workspace wall in some dimension."""
+    a random walk that spends most steps pressed against a workspace wall in some dimension.
+    The actions come in segments of about 1/segment steps; each segment is smooth (AR(1), a
+    teleoperator's persistent motion) or, with probability `explore`, exploratory (every action
+    drawn afresh, like play data or a scripted exploration policy)."""
+    exploring = np.zeros(steps - 1, dtype=bool)
+    state = rng.random() < explore
+    for t in range(steps - 1):
+        if t and rng.random() < segment:
+            state = rng.random() < explore
+        exploring[t] = state
     poses, target = [random_pose(rng)], random_pose(rng)
-    for action in smooth_actions(rng, steps - 1):
+    for action in smooth_actions(rng, steps - 1, np.where(exploring, 0.0, 0.8)):
         if rng.random() < switch:
             target = random_pose(rng)
         poses.append(step(poses[-1], action + pull * delta_ee(poses[-1], target)))
@@ -215,23 +228,32 @@ def pose_error(pose, goal):
 # Datasets.
 
 
-def write_toy_dataset(root, episodes, steps_per_episode=40, seed=0, repo_id="toy/ee_world"):
-    """A LeRobot v3.0 dataset of `episodes` random smooth trajectories. `action[t]` is the delta EE
-    from frame t to t+1 (zero on the last frame). Written into `<root>.partial`, renamed when done."""
+def write_toy_dataset(root, episodes, steps_per_episode=40, seed=0, explore=0.0, video=False, repo_id="toy/ee_world"):
+    """A LeRobot v3.0 dataset of `episodes` random trajectories (random_trajectory with `explore`).
+    `action[t]` is the delta EE from frame t to t+1 (zero on the last frame). Written into
+    `<root>.partial`, renamed when done; toy_spec.json in the root records the arguments.
+
+    Frames are stored losslessly (PNG, LeRobot "image" features) unless video=True (AV1 mp4, as
+    DROID stores them). The demo stores them losslessly because the toy's stand-in encoder, a tiny
+    random DINOv2, is not robust to codec artefacts the way the real one is: measured, the tokens of
+    an AV1 frame differ from those of its exact rendering by a token MSE of 0.05-0.07, more than one
+    step of motion changes them (0.04), so a model trained on AV1 frames learned the codec's noise
+    and planned on exact renderings it had never seen."""
     os.environ.setdefault("SVT_LOG", "1")  # the AV1 encoder prints its whole configuration otherwise
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
     features = {
-        CAMERA_KEY: {"dtype": "video", "shape": (IMAGE_SIZE, IMAGE_SIZE, 3), "names": ["height", "width", "channels"]},
+        CAMERA_KEY: {"dtype": "video" if video else "image", "shape": (IMAGE_SIZE, IMAGE_SIZE, 3),
+                     "names": ["height", "width", "channels"]},
         POSITION_KEY: {"dtype": "float32", "shape": (6,), "names": ["x", "y", "z", "roll", "pitch", "yaw"]},
         GRIPPER_KEY: {"dtype": "float32", "shape": (1,), "names": ["gripper"]},
         "action": {"dtype": "float32", "shape": (7,), "names": ["dx", "dy", "dz", "rx", "ry", "rz", "dgripper"]},
     }
     temporary = f"{root}.partial"
     shutil.rmtree(temporary, ignore_errors=True)
-    dataset = LeRobotDataset.create(repo_id, FPS, features, root=temporary, robot_type="toy_ee", use_videos=True)
+    dataset = LeRobotDataset.create(repo_id, FPS, features, root=temporary, robot_type="toy_ee", use_videos=video)
     rng = np.random.default_rng(seed)
     for episode in range(episodes):
-        poses = random_trajectory(rng, steps_per_episode)
+        poses = random_trajectory(rng, steps_per_episode, explore=explore)
         images = render_batch(poses)  # (steps, 64, 64, 3)
         applied = np.concatenate([delta_ee(poses[:-1], poses[1:]), np.zeros((1, 7))])
         for t in range(steps_per_episode):
@@ -240,18 +262,32 @@ def write_toy_dataset(root, episodes, steps_per_episode=40, seed=0, repo_id="toy
                                "action": applied[t].astype(np.float32), "task": "move the gripper"})
         dataset.save_episode()
     dataset.finalize()
+    with open(os.path.join(temporary, "toy_spec.json"), "w") as file:
+        json.dump(dict(episodes=episodes, steps_per_episode=steps_per_episode, seed=seed, explore=explore,
+                       video=video), file)
     os.replace(temporary, root)
     return root
 
 
-
-def ensure_toy_datasets():
-    """(labelled root, unlabelled root) of the demo, written on first use."""
-    for root, size in ((TOY_LABELED_DIR, TOY_LABELED_SIZE), (TOY_UNLABELED_DIR, TOY_UNLABELED_SIZE)):
-        if not os.path.isfile(os.path.join(root, "meta", "info.json")):
-            print(f"writing the toy dataset {root} ({size['episodes']} episodes) with lerobot ...")
-            write_toy_dataset(root, **size)
-    return TOY_LABELED_DIR, TOY_UNLABELED_DIR
+def ensure_toy_datasets(video=False):
+    """(labelled root, unlabelled root) of the demo, written on first use, and again when an existing
+    one was written with other settings (toy_spec.json differs: an older version of the demo).
+    video=True: the same episodes stored as AV1 video (toy_data/av1/), for the codec ablation."""
+    roots = [os.path.join(os.path.dirname(root), "av1", os.path.basename(root)) if video else root
+             for root in (TOY_LABELED_DIR, TOY_UNLABELED_DIR)]
+    for root, size in zip(roots, (TOY_LABELED_SIZE, TOY_UNLABELED_SIZE)):
+        spec_path = os.path.join(root, "toy_spec.json")
+        spec = dict(explore=0.0, video=video, **size)
+        if os.path.isfile(spec_path):
+            with open(spec_path) as file:
+                if json.load(file) == spec:
+                    continue
+        if os.path.exists(root):
+            print(f"{root} was written with other settings than the demo's: writing it again")
+            shutil.rmtree(root)
+        print(f"writing the toy dataset {root} ({size['episodes']} episodes) with lerobot ...")
+        write_toy_dataset(root, **spec)
+    return tuple(roots)
 
 
 def main(argv=None):
@@ -262,6 +298,8 @@ def main(argv=None):
     parser.add_argument("--episodes", type=int, default=20)
     parser.add_argument("--steps", type=int, default=40, help="frames per episode")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--explore", type=float, default=0.0, help="share of exploratory action segments")
+    parser.add_argument("--video", action="store_true", help="store frames as AV1 video (as DROID) instead of PNG")
     parser.add_argument("--strip", help="PNG: render a start pose and each of the 7 dimensions changed")
     args = parser.parse_args(argv)
     if not args.out and not args.strip:
@@ -269,7 +307,9 @@ def main(argv=None):
     if args.out:
         if os.path.exists(args.out):
             raise SystemExit(f"error: {args.out} already exists; choose another --out")
-        write_toy_dataset(args.out, args.episodes, args.steps, args.seed)
+        if not 0 <= args.explore <= 1:
+            parser.error("--explore must be in [0, 1]")
+        write_toy_dataset(args.out, args.episodes, args.steps, args.seed, args.explore, args.video)
         print(f"wrote {args.out}")
     if args.strip:
         from PIL import Image

@@ -25,22 +25,25 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 @pytest.fixture(scope="session")
 def tiny_dinov2_dir(tmp_path_factory):
+    """A smaller tiny DINOv2 than the demo's (8 px patches, width 64: an 8x8 grid): cheap for the data,
+    encoder and training-mechanics tests, which do not depend on what the tokens show."""
     import encoder
-    return encoder.make_tiny_dinov2(str(tmp_path_factory.mktemp("dinov2") / "tiny"))
+    return encoder.make_tiny_dinov2(str(tmp_path_factory.mktemp("dinov2") / "tiny"), patch_size=8, hidden_size=64)
 
 
 @pytest.fixture(scope="session")
 def toy_labeled_root(tmp_path_factory):
+    """Toy episodes stored as AV1 video, as DROID stores them: the data tests exercise the video path."""
     import sim
     return sim.write_toy_dataset(str(tmp_path_factory.mktemp("toy") / "labeled"), episodes=5, steps_per_episode=20,
-                                 seed=1)
+                                 seed=1, video=True)
 
 
 @pytest.fixture(scope="session")
 def toy_unlabeled_root(tmp_path_factory):
     import sim
     return sim.write_toy_dataset(str(tmp_path_factory.mktemp("toy") / "unlabeled"), episodes=6,
-                                 steps_per_episode=20, seed=2)
+                                 steps_per_episode=20, seed=2, video=True)
 
 
 # ==== sim ====
@@ -111,6 +114,26 @@ def test_sim_recorded_frames_show_the_recorded_pose(toy_labeled_root):
     for k in (0, 37, len(clips) - 1):
         rendered = torch.from_numpy(sim_module.render(clips.states[clips.starts[k]])).permute(2, 0, 1) / 255
         assert (clips[k]["frames"][0] - rendered).abs().mean() < 0.03
+
+
+def test_sim_demo_datasets_are_lossless_and_rewritten_when_their_settings_change(tmp_path, monkeypatch):
+    """The demo's frames are PNG: they load back exactly as rendered. ensure_toy_datasets writes them
+    once and again only when toy_spec.json says they were made with other settings."""
+    monkeypatch.setattr(sim_module, "TOY_LABELED_DIR", str(tmp_path / "labeled"))
+    monkeypatch.setattr(sim_module, "TOY_UNLABELED_DIR", str(tmp_path / "unlabeled"))
+    monkeypatch.setattr(sim_module, "TOY_LABELED_SIZE", dict(episodes=1, steps_per_episode=6, seed=1))
+    monkeypatch.setattr(sim_module, "TOY_UNLABELED_SIZE", dict(episodes=2, steps_per_episode=6, seed=2))
+    labeled, unlabeled = sim_module.ensure_toy_datasets()
+    clips = data_module.ClipDataset(labeled, "labeled", clip_length=1, image_size=64)
+    for k in range(len(clips)):
+        rendered = torch.from_numpy(sim_module.render(clips.states[clips.starts[k]])).permute(2, 0, 1) / 255
+        torch.testing.assert_close(clips[k]["frames"][0], rendered, atol=1e-6, rtol=0)
+    stamp = os.path.getmtime(os.path.join(unlabeled, "toy_spec.json"))
+    assert sim_module.ensure_toy_datasets() == (labeled, unlabeled)
+    assert os.path.getmtime(os.path.join(unlabeled, "toy_spec.json")) == stamp  # same settings: kept
+    monkeypatch.setattr(sim_module, "TOY_UNLABELED_SIZE", dict(episodes=3, steps_per_episode=6, seed=2))
+    sim_module.ensure_toy_datasets()
+    assert data_module.load_metadata(unlabeled)[-1].total_episodes == 3  # other settings: written again
 
 
 # ==== data ====
@@ -247,8 +270,8 @@ def test_data_rotations_match_scipy():
 
 
 def test_data_droid_aliases_split_episodes_disjointly():
-    _, _, video = data_module.resolve_source("droid", "unlabeled")
-    repo, root, labelled = data_module.resolve_source("droid_subset", "labeled")
+    _, _, video = data_module.resolve_source("droid")
+    repo, root, labelled = data_module.resolve_source("droid_subset")
     assert repo == data_module.DROID_REPO and root is None
     episodes = range(2000)
     chosen = {e for e in episodes if labelled(e)}
@@ -524,6 +547,20 @@ def test_dynamics_actions_and_mask():
         assert (model(x, tau, d, zero, labelled) - model(x, tau, d, zero, unlabelled)).abs().max() > 1e-3
 
 
+def test_dynamics_action_jacobian_adds_a_linear_action_response():
+    """With action_jacobian the output gains J(features)·a: exactly linear in the action once the
+    action token itself carries no information, and absent for unlabelled frames."""
+    model = seeded_model(small_dynamics_config(action_jacobian=True))
+    x, tau, d, actions, mask = dynamics_inputs(model.config, batch=2)  # row 0 labelled, row 1 not
+    with torch.no_grad():
+        model.action_in.weight.zero_()  # the action token no longer depends on the action's value
+        base = model(x, tau, d, torch.zeros_like(actions), mask)
+        once, twice = (model(x, tau, d, scale * actions, mask) - base for scale in (1.0, 2.0))
+        assert once[0].abs().max() > 1e-3
+        torch.testing.assert_close(twice, 2 * once, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(once[1], torch.zeros_like(once[1]))  # unlabelled: no J·a term
+
+
 def test_dynamics_presets_shapes_and_config_errors(capsys, monkeypatch):
     config = DynamicsConfig.preset("tiny")
     assert (config.num_tokens, config.token_dim, config.tokens_per_frame) == (16, 64, 22)
@@ -639,6 +676,22 @@ def test_shortcut_grid_sampling():
     assert (model.calls[0][1] == 1 / 16).all() and parts["bootstrap"].item() == 0.0
     with pytest.raises(ValueError, match="pred"):
         shortcut.shortcut_forcing_loss(model, torch.zeros(8, 2, 4, 8), torch.zeros(8, 2, 7), None, pred="eps")
+
+
+def test_shortcut_labeled_queries_put_labelled_rows_at_the_planners_levels():
+    """labeled_queries: labelled flow rows alternate pure-noise queries (τ = 0) with context frames at
+    the rollout's level; bootstrap rows and unlabelled rows keep their sampled levels."""
+    model = ConstantDataModel(torch.zeros(6, 4, 8), k_max=8)
+    mask = torch.arange(16) % 2 == 0  # even rows labelled
+    shortcut.shortcut_forcing_loss(model, torch.zeros(16, 6, 4, 8), torch.zeros(16, 6, 7), mask, labeled_queries=True,
+                                   context_noise=0.9, generator=torch.Generator().manual_seed(0))
+    tau = model.calls[0][0]  # the student's levels (16, 6)
+    context = shortcut.context_level(0.9, 8)
+    for row in range(4, 16, 2):  # labelled flow rows (the first 4 rows bootstrap)
+        levels = set(tau[row].tolist())
+        assert levels == {0.0, context} and (tau[row, 1:] != tau[row, :-1]).all()  # alternating
+    others = torch.cat([tau[:4], tau[5::2]])
+    assert not ((others == 0) | (others == context)).all()  # sampled on the whole grid
 
 
 def test_shortcut_sampler_steps():
@@ -1006,7 +1059,7 @@ def test_plan_oracle_reaches_toy_goals_almost_always():
     import sim
     stats = data_module.ActionStats(torch.zeros(7), torch.tensor(sim.ACTION_SCALE, dtype=torch.float32))
     planner = plan_module.CEMPlanner(plan_module.SimOracle(None, None, stats, space="pose"),
-                                     **plan_module.BENCHMARK_PLANNER)
+                                     **plan_module.PLANNER_SIZES["toy"][0])
     pairs = plan_module.make_pairs(20, seed=0)
     planned = plan_module.evaluate_closed_loop(planner, pairs)
     random = plan_module.evaluate_closed_loop(plan_module.RandomPolicy(planner), pairs)
@@ -1015,30 +1068,34 @@ def test_plan_oracle_reaches_toy_goals_almost_always():
 
 
 @pytest.fixture(scope="session")
-def toy_planning_run(tmp_path_factory, tiny_dinov2_dir):
-    """A tiny model trained as the demo is (toy defaults: batch 16 x 8 frames, from a feature cache),
-    but 300 steps with every sample labelled, on 40 toy episodes: enough to learn what translations do."""
+def toy_planning_run(tmp_path_factory):
+    """The demo's recipe (toy defaults: 5 % labelled, demo encoder, PNG frames), trained briefly on a
+    smaller action-free corpus than the demo's: 8 labelled + PLANNING_EPISODES action-free episodes."""
     import encoder
     import sim
     folder = tmp_path_factory.mktemp("planning")
-    root = sim.write_toy_dataset(str(folder / "toy"), episodes=40, steps_per_episode=40, seed=3)
-    cache = encoder.ensure_feature_cache(root, str(folder / "features"), str(tiny_dinov2_dir), 2, data_module.CAMERA_KEY)
-    assert train_module.main(["--labeled", root, "--unlabeled", root, "--labeled-fraction", "1.0", "--toy",
-                              "--encoder", str(tiny_dinov2_dir), "--feature-cache", cache, cache, "--steps", "300",
-                              "--val-every", "0", "--save-every", "300", "--out", str(folder / "run")]) == 0
+    labeled = sim.write_toy_dataset(str(folder / "labeled"), **sim.TOY_LABELED_SIZE)
+    unlabeled = sim.write_toy_dataset(str(folder / "unlabeled"), episodes=PLANNING_EPISODES, steps_per_episode=40,
+                                      seed=2)
+    assert train_module.main(["--toy", "--labeled", labeled, "--unlabeled", unlabeled,
+                              "--encoder", encoder.make_tiny_dinov2(str(folder / "dinov2")),
+                              "--steps", str(PLANNING_STEPS), "--val-every", "0", "--save-every", str(PLANNING_STEPS),
+                              "--out", str(folder / "run")]) == 0
     return str(folder / "run" / "checkpoint.pt")
 
 
-def test_plan_trained_model_beats_random_on_toy_reaching(toy_planning_run):
-    """The learned model in the loop, 20 reaching pairs, against random actions on the same pairs,
-    with the fast planner (CEM 32 x 2 x 3 at K = 1)."""
-    report = plan_module.closed_loop_report(toy_planning_run, pairs=20, size="fast", task="reach")
+PLANNING_EPISODES, PLANNING_STEPS = 40, 700
+
+
+def test_plan_trained_model_beats_random_on_toy_poses(toy_planning_run):
+    """The learned 95/5 model in the loop on full 6-DoF goal poses, against random actions on the same
+    pairs, with the fast planner (CEM 32 x 2 x 3 at K = 1)."""
+    report = plan_module.closed_loop_report(toy_planning_run, pairs=8, size="fast", task="pose")
     planned, random = report["planner"], report["random"]
-    print(f"reach: CEM {planned['success_rate']:.0%} vs random {random['success_rate']:.0%}; position error "
+    print(f"pose: CEM {planned['success_rate']:.0%} vs random {random['success_rate']:.0%}; position error "
           f"{planned['final_position_error']:.3f} vs {random['final_position_error']:.3f} m; {report['seconds']:.0f} s")
-    assert planned["success_rate"] >= random["success_rate"] + 0.25  # measured: 40 % vs 0 %
+    # measured: 4.4 vs 14.8 cm. Rotation (0.69 vs 0.63 rad) and gripper are not learned at this budget.
     assert planned["final_position_error"] < random["final_position_error"] / 2
-    assert max(planned["final_rotation_error"], random["final_rotation_error"]) < 1e-6  # only the position moved
 
 
 def _goal_images(folder):
@@ -1258,6 +1315,12 @@ def test_eval_report_of_a_checkpoint(toy_train_run, tmp_path):
     for name in ("copy_last", "actions_true", "actions_shuffled", "actions_none"):
         assert len(report[name]["mse"]) == 3 and all(np.isfinite(report[name]["mse"]))
     assert [entry["K"] for entry in report["sampling_steps"]] == [1, 2, 4, 8]
+    mse = {name: report[name]["mse"][-1] for name in ("actions_true", "actions_shuffled", "copy_last")}
+    assert report["action_gap"] == pytest.approx(mse["actions_shuffled"] / mse["actions_true"])
+    assert report["open_loop_ratio"] == pytest.approx(mse["actions_true"] / mse["copy_last"])
+    response = report["action_response"]
+    assert response["dimensions"] == list(eval_module.ACTION_NAMES) and len(response["cosine"]) == 7
+    assert all(-1 <= c <= 1 for c in response["cosine"]) and all(r >= 0 for r in response["norm_ratio"])
     assert all(entry["ms_per_frame"] > 0 for entry in report["sampling_steps"])
     loop = report["closed_loop"]
     assert loop["pairs"] == 2 and 0 <= loop["planner"]["success_rate"] <= 1 and "random" in loop
@@ -1266,25 +1329,52 @@ def test_eval_report_of_a_checkpoint(toy_train_run, tmp_path):
     assert "copy_last MSE" in eval_module.summary_table(report)
 
 
+def test_eval_action_response_of_the_simulator_is_exact(tiny_dinov2_dir):
+    """The diagnostic on a model that is the simulator itself: every dimension's imagined change is the
+    true change (cosine 1, size ratio 1); a model that ignores one dimension scores 0 there."""
+    import encoder
+    import sim
+
+    class Simulator(plan_module.SimOracle):
+        def encode(self, images):
+            return plan_module.encode_images(self.encoder, self.token_stats, images)
+
+    stats = data_module.ActionStats(torch.zeros(7), torch.tensor(sim.ACTION_SCALE, dtype=torch.float32))
+    frozen = encoder.Encoder(str(tiny_dinov2_dir))
+    oracle = Simulator(frozen, encoder.TokenStats(torch.zeros(frozen.token_dim), torch.ones(frozen.token_dim)), stats)
+    response = eval_module.action_response(oracle, contexts=3)
+    np.testing.assert_allclose(response["cosine"], 1.0, atol=1e-4)
+    np.testing.assert_allclose(response["norm_ratio"], 1.0, atol=1e-4)
+
+    class BlindToGripper(Simulator):
+        def imagine(self, pose, actions, generator=None):
+            return super().imagine(pose, actions * torch.tensor([1.0] * 6 + [0.0]), generator)
+
+    response = eval_module.action_response(BlindToGripper(oracle.encoder, oracle.token_stats, stats), contexts=3)
+    assert abs(response["cosine"][6]) < 1e-4 and min(response["cosine"][:6]) > 0.999
+
+
 def test_eval_fast_ablations_write_table_and_plot(toy_labeled_root, toy_unlabeled_root, tiny_dinov2_dir, tmp_path):
     def run_ablations(names, steps=2):
         return eval_module.run_ablations(
-            str(tmp_path), steps=steps, pairs=1, clips=2, k_max=8, planner_options=SMALL_PLANNER, names=names,
-            toy_datasets=(toy_labeled_root, toy_unlabeled_root), context=1, horizon=2,
+            str(tmp_path), steps=steps, pairs=1, clips=2, planner_options=SMALL_PLANNER, names=names,
+            toy_datasets={"demo": (toy_labeled_root, toy_unlabeled_root)}, context=1, horizon=2, task="reach",
+            planner_size="fast",
             train_arguments=["--encoder", tiny_dinov2_dir, "--batch-size", "2", "--clip-length", "3",
                              "--warmup", "1", "--stats-batches", "1"])
 
-    names = ["baseline", "diffusion_forcing", "labeled_5_alone"]
+    names = ["recipe", "diffusion_forcing", "labeled_5_alone"]
     results = run_ablations(["labeled_5_alone"])
-    results = run_ablations(["baseline", "diffusion_forcing"])  # the earlier variant stays, in the table's order
+    results = run_ablations(["recipe", "diffusion_forcing"])  # the earlier variant stays, in the table's order
     assert list(results) == names
-    assert results["diffusion_forcing"]["mode"] == "diffusion" and results["baseline"]["mode"] == "shortcut"
+    assert results["diffusion_forcing"]["mode"] == "diffusion" and results["recipe"]["mode"] == "shortcut"
+    assert not results["recipe"]["own_scale"] and results["labeled_5_alone"]["own_scale"]  # ran before the recipe
     table = open(tmp_path / "ablations.md").read()
     assert all(f"| {name} |" in table for name in names)
-    loop = results["baseline"]["closed_loop"]  # the ablations plan on the reach task, at the fast planner's K = 1
+    loop = results["recipe"]["closed_loop"]
     assert loop["task"] == "reach" and loop["size"] == "fast" and loop["K"] == 1 and "Closed loop: task reach" in table
     assert os.path.isfile(tmp_path / "ablations.png")
-    assert list(run_ablations(["baseline"], steps=3)) == ["baseline"]  # other settings: earlier results dropped
+    assert list(run_ablations(["recipe"], steps=3)) == ["recipe"]  # other settings: earlier results dropped
     result = subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), "--checkpoint", str(tmp_path / "nothing.pt")],
                             capture_output=True, text=True)
     assert result.returncode != 0 and result.stderr.strip().splitlines()[-1].startswith("error:")

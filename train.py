@@ -1,6 +1,6 @@
 """Train the world model: LeRobot clips -> frozen DINOv2 tokens -> shortcut forcing on the dynamics model.
 
-    python train.py                                            # toy demo: ~11 min on 2 CPU cores
+    python train.py                                            # toy demo: ~6 min on 2 CPU cores
     python train.py --labeled droid_subset --unlabeled droid   # DROID in LeRobot format
     torchrun --nproc_per_node=8 train.py --labeled ... --unlabeled ...
 
@@ -17,6 +17,11 @@ The 95/5 mix happens in the loader: every sample is labelled with probability
 `--labeled-fraction`; the others carry no actions and the model sees its learned "no action"
 embedding in their place, so the 95 % action-free video still teaches what the world looks like
 and how it moves, and the 5 % teaches what the actions do.
+
+The toy demo's recipe (TOY_DEFAULTS, measured in the README's ablations): the tiny preset, batch 16
+x 8 frames from a feature cache, 1000 steps at learning rate 2e-3 with 100 warm-up steps, no loss
+ramp (--no-ramp), the locally linear action response (--action-jacobian, dynamics.py) and labelled
+rows trained at the planner's noise levels (--labeled-queries, shortcut.py section 7).
 
 Checkpoints are one file (`<out>/checkpoint.pt`) of tensors and plain Python values only, written
 atomically (temporary file, then rename) every `--save-every` steps, at the end, and on Ctrl-C /
@@ -165,8 +170,15 @@ def build_argument_parser():
                        help="shortcut forcing, or plain diffusion forcing (ablation)")
     group.add_argument("--pred", default="x", choices=["x", "v"], help="x- or v-prediction (ablation)")
     group.add_argument("--bootstrap-fraction", type=float, default=0.25)
-    group.add_argument("--no-ramp", action="store_true", help="drop the w(tau) = 0.9 tau + 0.1 weight")
+    group.add_argument("--ramp", action=argparse.BooleanOptionalAction, default=True,
+                       help="weight each frame's loss by w(tau) = 0.9 tau + 0.1 (Dreamer 4's ramp)")
     group.add_argument("--ema-bootstrap", action="store_true", help="bootstrap targets from EMA weights")
+    group.add_argument("--context-noise", type=float, default=0.9,
+                       help="signal level of a rollout's past frames (1: clean), also of --labeled-queries' context")
+    group.add_argument("--labeled-queries", action=argparse.BooleanOptionalAction, default=False,
+                       help="labelled clips at the planner's noise levels: every other frame clean, the rest noise")
+    group.add_argument("--action-jacobian", action=argparse.BooleanOptionalAction, default=False,
+                       help="add a locally linear action response J·a to the model's output")
     group = parser.add_argument_group("optimisation")
     group.add_argument("--steps", type=int, default=100_000)
     group.add_argument("--batch-size", type=int, default=32, help="clips per step per rank")
@@ -192,10 +204,12 @@ def build_argument_parser():
     return parser
 
 
-# The toy demo's defaults: what `python train.py` with no dataset trains (measured: 5 min 41 s on 2 cores,
-# plus ~2 min to write the toy datasets the first time).
-TOY_DEFAULTS = dict(preset="tiny", pool=2, steps=750, batch_size=16, lr=1e-3, warmup=100,
-                    save_every=250, val_every=250, labeled_fraction=0.05)
+# The toy demo's recipe: what `python train.py` with no dataset trains. Against Dreamer 4's defaults it
+# drops the ramp weight and adds the locally linear action response and the planner's noise levels on
+# labelled clips (shortcut.py section 7, dynamics.py): each measured in the README's ablations.
+TOY_DEFAULTS = dict(preset="tiny", pool=encoder_module.TOY_POOL, steps=1000, batch_size=16, lr=2e-3, warmup=100,
+                    save_every=250, val_every=250, labeled_fraction=0.05, ramp=False, action_jacobian=True,
+                    labeled_queries=True)
 
 
 def parse_arguments(argv=None):
@@ -224,6 +238,7 @@ def parse_arguments(argv=None):
 def model_config_from_arguments(args, encoder):
     overrides = {name: value for name, value in
                  dict(time_every=args.time_every, head=args.head, k_max=args.k_max).items() if value is not None}
+    overrides.update(action_jacobian=args.action_jacobian)
     config = DynamicsConfig.preset(args.preset, token_dim=encoder.token_dim, num_tokens=encoder.num_tokens,
                                    **overrides)
     return dataclasses.replace(config, max_frames=max(config.max_frames, args.clip_length))
@@ -249,18 +264,20 @@ def setup_distributed(args):
 def prepare_toy_data(args, parser):
     """The embedded default: toy datasets written by sim.py and a tiny random DINOv2, created once
     (each only where the user did not name their own)."""
-    demo_data = args.labeled is None and args.unlabeled is None
     if args.labeled is None or args.unlabeled is None:
         labeled, unlabeled = sim.ensure_toy_datasets()
         args.labeled, args.unlabeled = args.labeled or labeled, args.unlabeled or unlabeled
     if args.encoder == parser.get_default("encoder"):
         args.encoder = encoder_module.ensure_tiny_dinov2()
-    if demo_data and args.feature_cache is None:
-        # Encode the demo's frames once (seconds) instead of decoding video and running DINOv2 every
-        # step: the same path a DROID user takes with `python encoder.py` and --feature-cache.
+    if args.feature_cache is None:
+        # Encode the toy frames once (seconds) instead of decoding them and running DINOv2 every step:
+        # the same path a DROID user takes with `python encoder.py` and --feature-cache. One cache per
+        # dataset, encoder and pooling, next to the dataset.
+        name = f"{os.path.basename(os.path.normpath(args.encoder))}-pool{args.pool}"
         args.feature_cache = [encoder_module.ensure_feature_cache(
-            root, os.path.join(os.path.dirname(root), "features", os.path.basename(root)), args.encoder,
-            args.pool, args.camera_key) for root in (args.labeled, args.unlabeled)]
+            root, os.path.join(os.path.dirname(os.path.normpath(root)), "features",
+                               f"{os.path.basename(os.path.normpath(root))}-{name}"),
+            args.encoder, args.pool, args.camera_key) for root in (args.labeled, args.unlabeled)]
 
 
 def build_datasets(args, image_size):
@@ -382,7 +399,8 @@ def train(args):
     if resumed is not None and resumed["model_config"] != dataclasses.asdict(config):
         raise SystemExit(f"error: {args.resume} holds a model of another configuration; resume with the "
                          f"flags it was trained with")
-    model = DynamicsModel(config).to(device)
+    torch.manual_seed(args.seed)  # the initial weights depend on the seed alone, not on what ran before
+    model = DynamicsModel(config).to(device)  # (such as writing a feature cache on the first run)
     ema_model = DynamicsModel(config).to(device).eval() if args.ema > 0 else None
     if ema_model is not None:
         ema_model.load_state_dict(model.state_dict())
@@ -422,7 +440,9 @@ def train(args):
                 network, tokens, actions, action_mask, k_max=config.k_max,
                 bootstrap_fraction=args.bootstrap_fraction,
                 ema_model=ema_model if args.ema_bootstrap else None, pred=args.pred,
-                ramp=not args.no_ramp, mode=args.mode, generator=step_generator)
+                ramp=args.ramp, mode=args.mode, generator=step_generator,
+                context_noise=args.context_noise,
+                labeled_queries=args.labeled_queries)
 
     def make_checkpoint(step):
         return dict(format=CHECKPOINT_FORMAT, step=step, toy=args.toy,

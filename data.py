@@ -68,12 +68,18 @@ def euler_to_matrix(rpy):
 
 
 def matrix_to_euler(matrix):
-    """Inverse of euler_to_matrix: (..., 3, 3) -> (..., 3), pitch in [−π/2, π/2], roll and yaw in (−π, π]."""
+    """Inverse of euler_to_matrix: (..., 3, 3) -> (..., 3), pitch in [−π/2, π/2], roll and yaw in (−π, π].
+
+    At pitch = ±π/2 (gimbal lock) roll and yaw turn about the same axis and only roll ∓ yaw is
+    defined: the first row and column lose roll and yaw, and R = [[0, ±sin(roll ∓ yaw), ...],
+    [0, cos(roll ∓ yaw), ...], [∓1, 0, 0]]. There we return yaw = 0 and roll from the 2x2 block."""
     matrix = np.asarray(matrix, dtype=np.float64)
     pitch = np.arcsin(np.clip(-matrix[..., 2, 0], -1.0, 1.0))
     roll = np.arctan2(matrix[..., 2, 1], matrix[..., 2, 2])
     yaw = np.arctan2(matrix[..., 1, 0], matrix[..., 0, 0])
-    return np.stack([roll, pitch, yaw], -1)
+    locked = np.hypot(matrix[..., 0, 0], matrix[..., 1, 0]) < 1e-9  # |cos(pitch)| ~ 0
+    locked_roll = np.arctan2(-matrix[..., 2, 0] * matrix[..., 0, 1], matrix[..., 1, 1])
+    return np.stack([np.where(locked, locked_roll, roll), pitch, np.where(locked, 0.0, yaw)], -1)
 
 
 def rotvec_to_matrix(rotvec):

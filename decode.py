@@ -48,7 +48,8 @@ from tqdm import tqdm
 import data
 import encoder as encoder_module
 import sim
-from train import CheckpointError, StopRequest, check_output_folder, learning_rate_factor, load_safely, save_atomic
+from train import (CheckpointError, StopRequest, check_output_folder, clamp_warmup, learning_rate_factor, load_safely,
+                   save_atomic)
 
 DECODER_FORMAT = "dreamer-dino-wm-decoder/1"
 TOY_DECODER_DIR = os.path.join("runs", "toy", "decoder")
@@ -301,6 +302,7 @@ def parse_arguments(argv=None):
         parser.error("--val-fraction must be in (0, 1); --noise-tau and --perceptual must be >= 0")
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite contradict each other")
+    args.warmup = clamp_warmup(args.warmup, args.steps)
     return args
 
 

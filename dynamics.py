@@ -153,7 +153,7 @@ class DynamicsConfig:
 
 PRESETS = {
     # toy world: 4x4 pooled tokens of a tiny DINOv2, 22 tokens per frame, minutes on 2 CPU cores
-    "tiny": dict(token_dim=64, num_tokens=16, width=128, depth=6, heads=4, kv_heads=2,
+    "tiny": dict(token_dim=128, num_tokens=16, width=128, depth=6, heads=4, kv_heads=2,
                  num_registers=4, time_every=3, max_frames=32, k_max=8, dh_width=256),
     # DINOv2-S tokens pooled 2x2 (8x8 = 64 tokens x 384), a single-GPU model
     "small": dict(token_dim=384, num_tokens=64, width=384, depth=12, heads=6, kv_heads=2,

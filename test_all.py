@@ -269,6 +269,20 @@ def test_data_rotations_match_scipy():
     assert np.allclose(data_module.matrix_to_rotvec(Rotation.from_rotvec(rotvec).as_matrix()), rotvec, atol=1e-9)
 
 
+def test_data_euler_round_trip_at_gimbal_lock():
+    """At pitch ±π/2 only roll ∓ yaw is defined; the recovered angles must still give the same matrix."""
+    rng = np.random.default_rng(1)
+    for pitch in (np.pi / 2, -np.pi / 2, np.pi / 2 - 1e-10):
+        rpy = np.stack([rng.uniform(-np.pi, np.pi, 50), np.full(50, pitch), rng.uniform(-np.pi, np.pi, 50)], -1)
+        matrix = data_module.euler_to_matrix(rpy)
+        recovered = data_module.matrix_to_euler(matrix)
+        assert np.abs(data_module.euler_to_matrix(recovered) - matrix).max() < 1e-9
+        assert np.allclose(recovered[:, 1], pitch, atol=1e-7)
+    s, c = np.sin(0.5), np.cos(0.5)  # pitch π/2, roll − yaw = 0.5, written with exact zeros
+    exact = np.array([[0.0, s, c], [0.0, c, -s], [-1.0, 0.0, 0.0]])
+    assert np.allclose(data_module.euler_to_matrix(data_module.matrix_to_euler(exact)), exact, atol=1e-12)
+
+
 def test_data_droid_aliases_split_episodes_disjointly():
     _, _, video = data_module.resolve_source("droid")
     repo, root, labelled = data_module.resolve_source("droid_subset")
@@ -563,12 +577,12 @@ def test_dynamics_action_jacobian_adds_a_linear_action_response():
 
 def test_dynamics_presets_shapes_and_config_errors(capsys, monkeypatch):
     config = DynamicsConfig.preset("tiny")
-    assert (config.num_tokens, config.token_dim, config.tokens_per_frame) == (16, 64, 22)
+    assert (config.num_tokens, config.token_dim, config.tokens_per_frame) == (16, 128, 22)
     for head in ("linear", "dh"):
         model = seeded_model(DynamicsConfig.preset("tiny", head=head))
         x, tau, d, actions, mask = dynamics_inputs(model.config, batch=2, frames=3)
         with torch.no_grad():
-            assert model(x, tau, d, actions, mask).shape == (2, 3, 16, 64)
+            assert model(x, tau, d, actions, mask).shape == (2, 3, 16, 128)
     assert DynamicsModel(config).num_parameters() < 2_000_000  # trains in minutes on 2 CPU cores
     assert DynamicsConfig.preset("droid").num_tokens == 256 and DynamicsConfig.preset("droid").token_dim == 384
     with pytest.raises(ValueError, match="unknown preset"):
@@ -692,6 +706,12 @@ def test_shortcut_labeled_queries_put_labelled_rows_at_the_planners_levels():
         assert levels == {0.0, context} and (tau[row, 1:] != tau[row, :-1]).all()  # alternating
     others = torch.cat([tau[:4], tau[5::2]])
     assert not ((others == 0) | (others == context)).all()  # sampled on the whole grid
+    model.calls.clear()  # every row labelled: at most half of the 12 flow rows become queries
+    shortcut.shortcut_forcing_loss(model, torch.zeros(16, 6, 4, 8), torch.zeros(16, 6, 7), torch.ones(16, dtype=torch.bool),
+                                   labeled_queries=True, generator=torch.Generator().manual_seed(0))
+    tau = model.calls[0][0]
+    queries = [row for row in range(4, 16) if set(tau[row].tolist()) == {0.0, context}]
+    assert queries == list(range(4, 10))
 
 
 def test_shortcut_sampler_steps():
@@ -861,6 +881,13 @@ def test_train_ema_warms_up_and_then_averages():
     model.weight.data.fill_(2.0)
     train_module.update_ema(ema, model, 0.999, 100_000)  # late in a run: the plain EMA with the given decay
     assert abs(ema.weight.item() - (0.999 * 1 + 0.001 * 2)) < 1e-6
+
+
+def test_train_warmup_longer_than_the_run_is_clamped_with_a_note(capsys):
+    args = train_module.parse_arguments(["--steps", "300", "--warmup", "1000"])
+    assert args.warmup == 30 and "--warmup 1000 is not shorter than the run's 300 steps" in capsys.readouterr().err
+    assert train_module.parse_arguments(["--steps", "300", "--warmup", "299"]).warmup == 299  # shorter: kept
+    assert decode_module.parse_arguments(["--train", "--steps", "50", "--warmup", "100"]).warmup == 5
 
 
 def test_train_sigint_then_resume_matches_uninterrupted(toy_train_run, tmp_path, monkeypatch):

@@ -112,6 +112,17 @@ def learning_rate_factor(step, warmup_steps, total_steps, final_fraction=0.1):
     return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def clamp_warmup(warmup_steps, total_steps):
+    """A warm-up at least as long as the run would never reach the peak learning rate: use a tenth
+    of the run instead, and say so on one line."""
+    if warmup_steps < total_steps:
+        return warmup_steps
+    clamped = total_steps // 10
+    print(f"note: --warmup {warmup_steps} is not shorter than the run's {total_steps} steps: "
+          f"warming up for {clamped} steps instead", file=sys.stderr)
+    return clamped
+
+
 @torch.no_grad()
 def update_ema(ema_model, model, decay, step):
     """ema <- d * ema + (1 - d) * weights after step `step` (1, 2, ...): a smoothed copy that
@@ -229,6 +240,7 @@ def parse_arguments(argv=None):
         parser.error("--steps and --batch-size must be positive")
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite contradict each other")
+    args.warmup = clamp_warmup(args.warmup, args.steps)
     if args.out is None:
         name = os.path.basename(os.path.normpath(args.unlabeled)).replace("/", "_")
         args.out = os.path.join("runs", name)

@@ -84,9 +84,9 @@ the action still enters as a token as well, and J is read from features that saw
 Why: through the action token alone, the 5 %-labelled toy demo learned almost nothing of its
 actions (README, ablations: action gap 1.07, translation response cosine 0.35, no better than
 copying the last frame); with the J term the gap is 2.09, the cosine 0.74 and the imagined
-response about the right size. (Conditioning every
-layer's norms on the action as well, AdaLN as in DiT and JEPA-WMs, was measured too and changed
-nothing beyond run-to-run noise: action gap 2.01 vs 1.82, translation response 0.50-0.59 vs 0.48-0.56.)
+response about the right size. (Conditioning every layer's norms on the action as well, AdaLN as
+in DiT and JEPA-WMs, was measured too in screening runs and changed nothing beyond run-to-run
+noise: action gap 2.01 vs 1.82, translation response 0.50-0.59 vs 0.48-0.56.)
 """
 import argparse
 import copy

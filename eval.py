@@ -198,7 +198,7 @@ def evaluate(checkpoint_path, out, dataset=None, decoder_path=None, context=2, h
     for source in ("true", "shuffled", "none"):
         rollouts[source] = open_loop_rollout(model, tokens, actions, context, K, source, settings, seed)
         report[f"actions_{source}"] = dict(zip(("mse", "cosine"), per_step_errors(scored(rollouts[source]), truth)))
-    # the headline numbers, at the last horizon step
+    # the two headline numbers, at the last horizon step (module docstring)
     report["action_gap"] = report["actions_shuffled"]["mse"][-1] / report["actions_true"]["mse"][-1]
     report["open_loop_ratio"] = report["actions_true"]["mse"][-1] / report["copy_last"]["mse"][-1]
 
@@ -214,7 +214,8 @@ def evaluate(checkpoint_path, out, dataset=None, decoder_path=None, context=2, h
                                              ms_per_frame=1000 * seconds))
 
     if checkpoint["toy"]:
-        world_model = plan.WorldModel.load(checkpoint_path, K=K)
+        world_model = plan.WorldModel(model, frozen_encoder, token_stats, data.ActionStats(**checkpoint["action_stats"]),
+                                      K, settings["pred"], settings["mode"], settings["context_noise"], toy=True)
         report["action_response"] = action_response(world_model, response_contexts, seed=seed)
         if closed_loop:
             report["closed_loop"] = plan.closed_loop_report(checkpoint_path, pairs=pairs, seed=seed, task=task,

@@ -422,11 +422,11 @@ def evaluate_closed_loop(policy, pairs, max_steps=MAX_STEPS, tolerance=TOLERANCE
 # Planner sizes, each with its sampling steps K (plan.py --planner, eval.py --planner).
 # "dino-wm": DINO-WM's defaults, 300 samples x horizon 5, top 30, 10 iterations, at K = 4: for a GPU
 #   (on 2 CPU cores one MPC step of the tiny model takes over a minute: BENCHMARKS.md).
-# "toy": the toy world's default, 64 x 3, top 8, 4 iterations at K = 1: small enough that the 50-pair
-#   closed-loop evaluation runs in minutes on 2 CPU cores, large enough for the simulator oracle to
-#   reach full poses. K = 1: one step predicts the conditional mean, which is what the MSE cost
-#   compares (eval.py: K = 1 has the lowest token MSE).
-# "fast": 32 x 2, top 6, 3 iterations at K = 1: the tests and the ablations' closed-loop columns.
+# "toy": the toy world's default, 64 x 3, top 8, 3 iterations at K = 1: small enough that the 50-pair
+#   closed-loop evaluation runs in under 8 minutes on 2 CPU cores, large enough for the simulator
+#   oracle to reach full poses. K = 1: one step predicts the conditional mean, which is what the MSE
+#   cost compares (eval.py: K = 1 is within a few % of the lowest token MSE, at the lowest cost).
+# "fast": 32 x 2, top 6, 3 iterations at K = 1: the tests.
 PLANNER_SIZES = {"dino-wm": (dict(horizon=5, samples=300, top_k=30, iterations=10), 4),
                  "toy": (dict(horizon=3, samples=64, top_k=8, iterations=3), 1),
                  "fast": (dict(horizon=2, samples=32, top_k=6, iterations=3), 1)}

@@ -34,20 +34,14 @@ absolute numbers drift. What is measured, and the slow alternative each is compa
 6. Data: clips/s from LeRobot video decoding + DINOv2 on the fly, against reading the feature
    cache that `python encoder.py` writes; for the toy tiny DINOv2 and for a DINOv2-S-sized encoder
    (random weights: same FLOPs as the real one, no download) at 224 px.
-7. Peak memory of each: on a GPU torch.cuda.max_memory_allocated; on CPU the peak resident memory
-   of the process above what it held before (Linux VmHWM, reset through /proc/self/clear_refs),
-   read in one extra untimed run. Before it, malloc hands back the free memory it kept from earlier
-   runs (malloc_trim), and during it every block of 256 KB or more is mmap'd (set_mmap_threshold),
-   so that resident memory follows the tensors; otherwise reused blocks would not show. The timed
-   runs keep malloc's usual settings (page faults on every large tensor would slow them down).
+7. Peak memory of each (timing.py: on CPU the peak resident memory above the start, in one extra
+   untimed run with malloc set up so that resident memory follows the tensors).
 """
 import argparse
 import contextlib
-import ctypes
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -61,114 +55,9 @@ import data
 import encoder as encoder_module
 import sim
 from dynamics import DynamicsConfig, DynamicsModel, attend
-from plan import CEMPlanner, WorldModel
+from cem import CEMPlanner, LearnedModel
 from shortcut import rollout, shortcut_forcing_loss
-
-
-# ----------------------------------------------------------------------------------------------
-# Timing and memory.
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def resident_bytes(field):
-    """VmRSS (now) or VmHWM (peak since the last reset) of this process, in bytes; None off Linux."""
-    try:
-        with open("/proc/self/status") as file:
-            for line in file:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def reset_peak(device):
-    """Start a new peak-memory window; returns the baseline to subtract."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.memory_allocated(device)
-    try:
-        with open("/proc/self/clear_refs", "w") as file:
-            file.write("5")  # resets VmHWM to the current VmRSS
-    except OSError:
-        return None
-    return resident_bytes("VmRSS")
-
-
-def peak_above(device, baseline):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) - baseline
-    peak = resident_bytes("VmHWM")
-    if peak is None or baseline is None or peak - baseline < 2 ** 20:
-        return None  # under 1 MB of growth: too small to tell from page counts ("n/a")
-    return peak - baseline
-
-
-def set_mmap_threshold(size):
-    """glibc's malloc: blocks of at least `size` bytes are mmap'd, and handed back to the system when
-    freed. By default the threshold grows after the first such free (up to 32 MB), so later tensors
-    stay in malloc's heap: fast to reuse, but then resident memory no longer follows the tensors."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, size)  # -3: M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass  # not glibc: the CPU peak is then an upper bound including allocator slack
-
-
-def release_free_memory():
-    """glibc's malloc_trim(0): give the free memory malloc keeps in its heap back to the system, so
-    that a block reused from there counts as newly resident again (else the peak reads too low)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def measure(function, device, repeats, warmup=1):
-    """Median seconds of `function()` over `repeats` runs after `warmup` runs, and its peak memory
-    (bytes above the start). On CPU the peak comes from one more, untimed run (module docstring, 7):
-    malloc first hands back what it kept, then mmaps every block of 256 KB or more, so that resident
-    memory follows the tensors; the timed runs keep the usual settings (page faults on every large
-    tensor would slow them down by up to 2x)."""
-    for _ in range(warmup):
-        function()
-    synchronize(device)
-    if device.type == "cuda":
-        baseline = reset_peak(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    if device.type != "cuda":
-        set_mmap_threshold(256 * 1024)
-        release_free_memory()
-        baseline = reset_peak(device)
-        function()
-        set_mmap_threshold(32 * 1024 * 1024)
-    return dict(seconds=statistics.median(times), peak_bytes=peak_above(device, baseline))
-
-
-def matmul_rate(device, n, repeats):
-    """FLOP/s of an (n, n) @ (n, n) matmul, fp32 on CPU, bf16 on GPU (what training runs in): 2n³
-    over the fastest of the runs. The fastest, since the rate is a ceiling: other work on the
-    machine can only slow a run down."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    for _ in range(2):
-        a @ b  # warm-up
-    times = []
-    for _ in range(max(3, repeats)):
-        synchronize(device)
-        start = time.perf_counter()
-        a @ b
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return 2 * n ** 3 / min(times)
+from timing import matmul_rate, measure
 
 
 # ----------------------------------------------------------------------------------------------
@@ -302,14 +191,14 @@ def bench_cem(preset, device, repeats, samples=300, horizon=5, iterations=10, lo
     model = DynamicsModel(bench_config(preset)).to(device).eval()
     config = model.config
     stats = data.ActionStats(torch.zeros(7), torch.ones(7))
-    world_model = WorldModel(model, None, None, stats, K=4)
+    learned = LearnedModel(model, None, None, stats, K=4)
     context = (torch.randn(2, config.num_tokens, config.token_dim, device=device), None)  # 2 action-free frames
     goal = torch.randn(config.num_tokens, config.token_dim, device=device)
-    planner = CEMPlanner(world_model, horizon=horizon, samples=samples, top_k=samples // 10, iterations=iterations)
+    planner = CEMPlanner(learned, horizon=horizon, samples=samples, top_k=samples // 10, iterations=iterations)
     batched = measure(lambda: planner.plan(context, goal), device, repeats)
     # the slow alternative: one rollout per candidate; timed on a few, scaled to samples x iterations
-    one_by_one = CEMPlanner(world_model, horizon=horizon, samples=1, top_k=1, iterations=1)
-    single = measure(lambda: [one_by_one.evaluate(context, goal, torch.zeros(1, horizon, 7))
+    one_by_one = CEMPlanner(learned, horizon=horizon, samples=1, top_k=1, iterations=1)
+    single = measure(lambda: [one_by_one.score(context, goal, torch.zeros(1, horizon, 7))
                               for _ in range(loop_candidates)], device, repeats)
     looped = single["seconds"] / loop_candidates * samples * iterations
     return dict(preset=preset, samples=samples, horizon=horizon, iterations=iterations, K=4,
@@ -370,6 +259,18 @@ def milliseconds(value):
     return f"{value * 1e3:.1f} ms" if value < 10 else f"{value:.1f} s"
 
 
+def markdown_table(title, columns, rows):
+    """A '## title' section with a Markdown table: columns (names), rows (lists of cell strings)."""
+    return ["", f"## {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
+            *("| " + " | ".join(row) + " |" for row in rows)]
+
+
+def attention_reference(report, entry):
+    """The plain-attention row an attention row's speed-up is measured against."""
+    return next(e for e in report["attention"] if e["preset"] == entry["preset"] and e["kind"] == entry["kind"]
+                and e["backend"] == "plain" and e["soft_cap"] == entry["soft_cap"])
+
+
 def write_markdown(path, report):
     machine = report["machine"]
     lines = [
@@ -380,56 +281,51 @@ def write_markdown(path, report):
         f"({machine['matmul_dtype']}, n = {machine['matmul_n']}; the best run, at the start and after each training "
         f"figure; MFU is against it). Each figure: median of {report['repeats']} "
         "runs after warm-up. Peak memory on CPU: resident memory above the start, in one extra run after malloc "
-        "handed back the memory it kept (n/a: under 1 MB, or not Linux).", "",
-        "## Training step (forward + backward + AdamW)", "",
-        "| preset | params | batch × frames | precision | s/step | frames/s | tokens/s | GFLOP/step | MFU | peak mem |",
-        "|---|---|---|---|---|---|---|---|---|---|"]
-    for entry in report["training"]:
-        lines.append(f"| {entry['preset']} | {entry['parameters'] / 1e6:.2f} M | {entry['batch_size']} × {entry['frames']} "
-                     f"| {entry['precision']} | {entry['seconds']:.3f} | {entry['frames_per_s']:.0f} "
-                     f"| {entry['tokens_per_s']:.0f} | {entry['flops_per_step'] / 1e9:.1f} | {entry['mfu'] * 100:.0f} % "
-                     f"| {megabytes(entry['peak_bytes'])} |")
-    lines += ["", "## Attention kernels (fused vs the plain reference)", "",
-              "| preset | layer | rows × length | backend | soft cap | forward | fwd + bwd | fwd speed-up | fwd+bwd speed-up |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    for entry in report["attention"]:
-        reference = next(e for e in report["attention"] if e["preset"] == entry["preset"]
-                         and e["kind"] == entry["kind"] and e["backend"] == "plain" and e["soft_cap"] == entry["soft_cap"])
-        lines.append(f"| {entry['preset']} | {entry['kind']} | {entry['rows']} × {entry['length']} | {entry['backend']} "
-                     f"| {entry['soft_cap']:g} | {milliseconds(entry['forward'])} | {milliseconds(entry['forward_backward'])} "
-                     f"| {reference['forward'] / entry['forward']:.2f}× "
-                     f"| {reference['forward_backward'] / entry['forward_backward']:.2f}× |")
-    lines += ["", "## Rollout: time per generated frame, KV cache vs recomputing the past (K = 4)", "",
-              "| preset | batch | horizon | cached | recomputed | speed-up | peak mem cached | peak mem recomputed |",
-              "|---|---|---|---|---|---|---|---|"]
-    for entry in report["rollout"]:
-        recomputed = entry.get("recomputed_per_frame")
-        ratio = "" if recomputed is None else f"{recomputed / entry['cached_per_frame']:.1f}×"
-        lines.append(f"| {entry['preset']} | {entry['batch_size']} | {entry['horizon']} "
-                     f"| {milliseconds(entry['cached_per_frame'])} "
-                     f"| {'not run' if recomputed is None else milliseconds(recomputed)} "
-                     f"| {ratio} "
-                     f"| {megabytes(entry['cached_peak_bytes'])} "
-                     f"| {megabytes(entry.get('recomputed_peak_bytes')) if recomputed else ''} |")
-    lines += ["", "## Sampling steps per frame (KV cache)", "", "| preset | batch | K | per frame | peak mem |",
-              "|---|---|---|---|---|"]
-    for entry in report["sampling"]:
-        lines.append(f"| {entry['preset']} | {entry['batch_size']} | {entry['K']} | {milliseconds(entry['per_frame'])} "
-                     f"| {megabytes(entry['peak_bytes'])} |")
-    lines += ["", "## One CEM MPC step (one plan)", "",
-              "| preset | samples × horizon × iterations | K | batched | one rollout per candidate | speed-up | peak mem |",
-              "|---|---|---|---|---|---|---|"]
-    for entry in report["cem"]:
-        lines.append(f"| {entry['preset']} | {entry['samples']} × {entry['horizon']} × {entry['iterations']} | {entry['K']} "
-                     f"| {entry['seconds']:.2f} s | {entry['looped_seconds']:.1f} s (scaled from a few) "
-                     f"| {entry['looped_seconds'] / entry['seconds']:.0f}× | {megabytes(entry['peak_bytes'])} |")
-    lines += ["", "## Data: clips of 8 frames per second", "",
-              "| encoder | LeRobot video + DINOv2 on the fly | feature cache | speed-up | peak mem on the fly | peak mem cached |",
-              "|---|---|---|---|---|---|"]
-    for entry in report["data"]:
-        lines.append(f"| {entry['encoder']} | {entry['on_the_fly_clips_per_s']:.1f} | {entry['cached_clips_per_s']:.0f} "
-                     f"| {entry['cached_clips_per_s'] / entry['on_the_fly_clips_per_s']:.0f}× "
-                     f"| {megabytes(entry['on_the_fly_peak_bytes'])} | {megabytes(entry['cached_peak_bytes'])} |")
+        "handed back the memory it kept (n/a: under 1 MB, or not Linux)."]
+    lines += markdown_table(
+        "Training step (forward + backward + AdamW)",
+        ["preset", "params", "batch × frames", "precision", "s/step", "frames/s", "tokens/s", "GFLOP/step", "MFU",
+         "peak mem"],
+        [[e["preset"], f"{e['parameters'] / 1e6:.2f} M", f"{e['batch_size']} × {e['frames']}", e["precision"],
+          f"{e['seconds']:.3f}", f"{e['frames_per_s']:.0f}", f"{e['tokens_per_s']:.0f}",
+          f"{e['flops_per_step'] / 1e9:.1f}", f"{e['mfu'] * 100:.0f} %", megabytes(e["peak_bytes"])]
+         for e in report["training"]])
+    lines += markdown_table(
+        "Attention kernels (fused vs the plain reference)",
+        ["preset", "layer", "rows × length", "backend", "soft cap", "forward", "fwd + bwd", "fwd speed-up",
+         "fwd+bwd speed-up"],
+        [[e["preset"], e["kind"], f"{e['rows']} × {e['length']}", e["backend"], f"{e['soft_cap']:g}",
+          milliseconds(e["forward"]), milliseconds(e["forward_backward"]),
+          f"{attention_reference(report, e)['forward'] / e['forward']:.2f}×",
+          f"{attention_reference(report, e)['forward_backward'] / e['forward_backward']:.2f}×"]
+         for e in report["attention"]])
+    lines += markdown_table(
+        "Rollout: time per generated frame, KV cache vs recomputing the past (K = 4)",
+        ["preset", "batch", "horizon", "cached", "recomputed", "speed-up", "peak mem cached", "peak mem recomputed"],
+        [[e["preset"], str(e["batch_size"]), str(e["horizon"]), milliseconds(e["cached_per_frame"]),
+          milliseconds(e["recomputed_per_frame"]) if e.get("recomputed_per_frame") else "not run",
+          f"{e['recomputed_per_frame'] / e['cached_per_frame']:.1f}×" if e.get("recomputed_per_frame") else "",
+          megabytes(e["cached_peak_bytes"]),
+          megabytes(e.get("recomputed_peak_bytes")) if e.get("recomputed_per_frame") else ""]
+         for e in report["rollout"]])
+    lines += markdown_table(
+        "Sampling steps per frame (KV cache)", ["preset", "batch", "K", "per frame", "peak mem"],
+        [[e["preset"], str(e["batch_size"]), str(e["K"]), milliseconds(e["per_frame"]), megabytes(e["peak_bytes"])]
+         for e in report["sampling"]])
+    lines += markdown_table(
+        "One CEM MPC step (one plan)",
+        ["preset", "samples × horizon × iterations", "K", "batched", "one rollout per candidate", "speed-up",
+         "peak mem"],
+        [[e["preset"], f"{e['samples']} × {e['horizon']} × {e['iterations']}", str(e["K"]), f"{e['seconds']:.2f} s",
+          f"{e['looped_seconds']:.1f} s (scaled from a few)", f"{e['looped_seconds'] / e['seconds']:.0f}×",
+          megabytes(e["peak_bytes"])] for e in report["cem"]])
+    lines += markdown_table(
+        "Data: clips of 8 frames per second",
+        ["encoder", "LeRobot video + DINOv2 on the fly", "feature cache", "speed-up", "peak mem on the fly",
+         "peak mem cached"],
+        [[e["encoder"], f"{e['on_the_fly_clips_per_s']:.1f}", f"{e['cached_clips_per_s']:.0f}",
+          f"{e['cached_clips_per_s'] / e['on_the_fly_clips_per_s']:.0f}×", megabytes(e["on_the_fly_peak_bytes"]),
+          megabytes(e["cached_peak_bytes"])] for e in report["data"]])
     with open(path, "w") as file:
         file.write("\n".join(lines) + "\n")
 

@@ -40,6 +40,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from stats import Stats
+
 DROID_REPO = "lerobot/droid_1.0.1"
 datasets.disable_progress_bars()  # lerobot's parquet loading would print a bar per dataset opened
 # Every DROID_LABELED_EVERY-th episode is labelled (droid_subset), the others are video (droid): 1 in 20 = 5 %.
@@ -364,13 +366,9 @@ def open_feature_cache(folder, camera_key, total_frames):
 # Action statistics and episode splits.
 
 
-class ActionStats:
+class ActionStats(Stats):
     """Per-dimension mean and std of the labelled delta-EE actions. The model, the planner and the
     evaluation all work on (action − mean)/std, so the same numbers travel in every checkpoint."""
-
-    def __init__(self, mean, std):
-        self.mean = torch.as_tensor(mean, dtype=torch.float32)
-        self.std = torch.as_tensor(std, dtype=torch.float32)
 
     @classmethod
     def from_dataset(cls, dataset):
@@ -381,21 +379,6 @@ class ActionStats:
         same_episode = dataset.episode_of_row[stride:] == dataset.episode_of_row[:-stride]
         actions = delta_ee(dataset.states[:-stride][same_episode], dataset.states[stride:][same_episode])
         return cls(actions.mean(0), np.maximum(actions.std(0), 1e-6))
-
-    def normalize(self, actions):
-        return (actions - self.mean.to(actions.device)) / self.std.to(actions.device)
-
-    def denormalize(self, actions):
-        return actions * self.std.to(actions.device) + self.mean.to(actions.device)
-
-    def save(self, path):
-        with open(path, "w") as file:
-            json.dump({"mean": self.mean.tolist(), "std": self.std.tolist()}, file, indent=1)
-
-    @classmethod
-    def load(cls, path):
-        with open(path) as file:
-            return cls(**json.load(file))
 
 
 def split_episodes(episodes, val_fraction, seed):

@@ -13,8 +13,8 @@ gradients never flow into the encoder or into the world model: the decoder only 
 Shapes (toy world: 64 px frames, tiny DINOv2 with 4 px patches pooled 4x4 -> 4x4 grid):
 
     tokens z          (B, N, D)          normalised per channel with the TokenStats it was trained with
-    linear in         (B, N, W)          + learned position embedding, one per grid cell
-    transformer       (B, N, W)          pre-norm blocks, full attention among the N tokens
+    linear in         (B, N, E)          + learned position embedding, one per grid cell
+    transformer       (B, N, E)          pre-norm blocks, full attention among the N tokens
     linear out        (B, N, 3 p p)      p = image_size / grid side: pixels per token side
     unpatchify        (B, 3, H, W)       token (i, j) paints the p x p square at row i, column j
     + canvas, sigmoid (B, 3, H, W)       in [0, 1]; canvas: a learned per-pixel logit, see Decoder
@@ -48,8 +48,8 @@ from tqdm import tqdm
 import data
 import encoder as encoder_module
 import sim
-from train import (CheckpointError, StopRequest, check_output_folder, clamp_warmup, learning_rate_factor, load_safely,
-                   save_atomic)
+from checkpoint import (CheckpointError, StopRequest, check_finite, check_output_folder, clamp_warmup, is_due,
+                        load_safely, make_optimizer, optimizer_step, restore_training_state, resume_from, save_atomic)
 
 DECODER_FORMAT = "dreamer-dino-wm-decoder/1"
 TOY_DECODER_DIR = os.path.join("runs", "toy", "decoder")
@@ -112,7 +112,7 @@ class Decoder(nn.Module):
     def forward(self, tokens):
         """tokens (B, N, D), normalised -> images (B, 3, H, W) in [0, 1]."""
         grid_h, grid_w = self.config.grid
-        x = self.blocks(self.embed(tokens) + self.position)  # (B, N, W)
+        x = self.blocks(self.embed(tokens) + self.position)  # (B, N, E): E = config.width
         x = self.to_pixels(x)  # (B, N, 3 p p)
         p = self.patch
         x = x.view(-1, grid_h, grid_w, 3, p, p).permute(0, 3, 1, 4, 2, 5)  # (B, 3, h, p, w, p)
@@ -154,7 +154,7 @@ def _encoder_key(encoder):  # the same local folder may be named by different re
 
 
 # ----------------------------------------------------------------------------------------------
-# Pictures: strips of frames (PNG) and side-by-side animations (GIF), shared with plan.py and eval.py.
+# Pictures: strips of frames (PNG) and side-by-side animations (GIF), used by plan.py and eval.py too.
 
 
 def _to_uint8(image):
@@ -306,42 +306,76 @@ def parse_arguments(argv=None):
     return args
 
 
-def train(args):
-    torch.manual_seed(args.seed)
-    resumed = None
-    if args.resume:
-        try:
-            resumed = load_safely(args.resume, DECODER_FORMAT)
-        except CheckpointError as error:
-            raise SystemExit(f"error: {error}")
-    checkpoint_path = check_output_folder(args, rank=0)
+@dataclasses.dataclass
+class HeldOut:
+    """A fixed sample of held-out frames, kept in memory and scored every --val-every steps."""
+    frames: torch.Tensor  # (V, 3, H, W) in [0, 1]
+    tokens: torch.Tensor  # (V, N, D) normalised
+    baseline_psnr: float  # the mean training image's score: what an untrained decoder paints
+    baseline_l1: float
+
+
+def load_frames(args, device):
+    """The frozen encoder and the (train, held-out) frame datasets."""
     if args.toy:
         args.dataset = list(sim.ensure_toy_datasets())
         args.encoder = args.encoder or encoder_module.ensure_tiny_dinov2()
-    device = torch.device(args.device)
     try:
         frozen_encoder = encoder_module.Encoder(args.encoder, pool=args.pool).to(device)
-        train_set, val_set = build_frame_datasets(args, frozen_encoder.image_size)
+        return (frozen_encoder, *build_frame_datasets(args, frozen_encoder.image_size))
     except (data.DatasetError, OSError, ValueError) as error:
         raise SystemExit(f"error: {str(error).splitlines()[0]}")
 
-    # Held-out frames: a fixed sample of the held-out episodes, kept in memory, scored periodically.
-    picks = np.random.default_rng(args.seed + 1).choice(len(val_set), min(args.val_frames, len(val_set)), replace=False)
-    val_frames = torch.stack([val_set[int(i)]["frames"][0] for i in picks]).to(device)  # (V, 3, H, W)
-    with torch.no_grad():
-        if resumed is not None:
-            token_stats = encoder_module.TokenStats(**resumed["token_stats"])
-            mean_image = resumed["mean_image"].to(device)
-        else:  # token statistics and the mean-image baseline, from the same training frames
-            stats_frames = list(zip(range(args.stats_batches),
-                                    frame_batches(train_set, args.batch_size, args.seed, start_step=10_000_000)))
-            token_stats = encoder_module.compute_token_stats(
-                (frozen_encoder(frames.to(device)) for _, frames in stats_frames),
-                max_batches=args.stats_batches)
-            mean_image = torch.cat([frames for _, frames in stats_frames]).mean(0).to(device)  # (3, H, W)
-        val_tokens = token_stats.normalize(frozen_encoder(val_frames))
-    baseline_psnr, baseline_l1 = psnr_and_l1(mean_image.expand_as(val_frames), val_frames)
 
+@torch.no_grad()
+def measure_statistics(args, resumed, frozen_encoder, train_set, device):
+    """Token statistics and the mean image (the canvas' start and the baseline): from the checkpoint
+    when resuming, else from the same training frames."""
+    if resumed is not None:
+        return encoder_module.TokenStats(**resumed["token_stats"]), resumed["mean_image"].to(device)
+    stats_frames = [frames.to(device) for _, frames in
+                    zip(range(args.stats_batches), frame_batches(train_set, args.batch_size, args.seed,
+                                                                 start_step=10_000_000))]
+    token_stats = encoder_module.TokenStats.from_batches((frozen_encoder(frames) for frames in stats_frames),
+                                                         max_batches=args.stats_batches)
+    return token_stats, torch.cat(stats_frames).mean(0)  # (3, H, W)
+
+
+@torch.no_grad()
+def held_out_frames(args, val_set, frozen_encoder, token_stats, mean_image, device):
+    picks = np.random.default_rng(args.seed + 1).choice(len(val_set), min(args.val_frames, len(val_set)), replace=False)
+    frames = torch.stack([val_set[int(i)]["frames"][0] for i in picks]).to(device)  # (V, 3, H, W)
+    baseline_psnr, baseline_l1 = psnr_and_l1(mean_image.expand_as(frames), frames)
+    return HeldOut(frames, token_stats.normalize(frozen_encoder(frames)), baseline_psnr, baseline_l1)
+
+
+@torch.no_grad()
+def validate(decoder, held_out):
+    """Decoded held-out frames (V, 3, H, W) and their (PSNR, L1)."""
+    decoder.eval()
+    images = decoder(held_out.tokens)
+    decoder.train()
+    return images, psnr_and_l1(images, held_out.frames)
+
+
+def write_record(log_file, decoder, held_out, done, loss):
+    _, (psnr, l1) = validate(decoder, held_out)
+    record = dict(step=done, loss=loss, val_psnr=psnr, val_l1=l1, baseline_psnr=held_out.baseline_psnr,
+                  baseline_l1=held_out.baseline_l1)
+    log_file.write(json.dumps(record) + "\n")
+    log_file.flush()
+    return record
+
+
+def checkpoint_payload(args, step, decoder, optimizer, scheduler, token_stats, mean_image, metrics):
+    return dict(format=DECODER_FORMAT, step=step, model=decoder.state_dict(), optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(), config=dataclasses.asdict(decoder.config), train_args=vars(args),
+                token_stats=dict(mean=token_stats.mean, std=token_stats.std), mean_image=mean_image.cpu(),
+                encoder=dict(name_or_path=args.encoder, pool=args.pool), metrics=metrics)
+
+
+def build_decoder(args, resumed, frozen_encoder, token_stats, mean_image, device):
+    """Decoder, optimizer and schedule, restored from `resumed` when given; and the first step."""
     config = DecoderConfig.preset(args.preset, token_dim=frozen_encoder.token_dim, grid=tuple(frozen_encoder.grid),
                                   image_size=frozen_encoder.image_size)
     if resumed is not None and (resumed["config"] != dataclasses.asdict(config)
@@ -349,44 +383,28 @@ def train(args):
         raise SystemExit(f"error: {args.resume} holds a decoder of another configuration or encoder; "
                          f"resume with the flags it was trained with")
     decoder = Decoder(config, token_stats, mean_image).to(device)
-    optimizer = torch.optim.AdamW(decoder.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate_factor(s, args.warmup, args.steps))
-    start_step = 0
-    if resumed is not None:
-        decoder.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        scheduler.load_state_dict(resumed["scheduler"])
-        start_step = resumed["step"]
+    optimizer, scheduler = make_optimizer(decoder.parameters(), args.lr, args.weight_decay, args.warmup, args.steps)
+    return decoder, optimizer, scheduler, restore_training_state(resumed, decoder, optimizer, scheduler)
+
+
+def train(args):
+    torch.manual_seed(args.seed)
+    resumed = resume_from(args.resume, DECODER_FORMAT)
+    checkpoint_path = check_output_folder(args.out, args.resume, args.overwrite)
+    device = torch.device(args.device)
+    frozen_encoder, train_set, val_set = load_frames(args, device)
+    token_stats, mean_image = measure_statistics(args, resumed, frozen_encoder, train_set, device)
+    held_out = held_out_frames(args, val_set, frozen_encoder, token_stats, mean_image, device)
+    decoder, optimizer, scheduler, start_step = build_decoder(args, resumed, frozen_encoder, token_stats, mean_image,
+                                                              device)
     print(f"decoder: preset {args.preset}, {sum(p.numel() for p in decoder.parameters()) / 1e6:.2f} M parameters, "
-          f"{frozen_encoder.num_tokens} tokens x {config.token_dim} -> 3 x {config.image_size}^2; "
-          f"held-out mean-image baseline {baseline_psnr:.2f} dB")
-
-    @torch.no_grad()
-    def evaluate():
-        decoder.eval()
-        images = decoder(val_tokens)
-        decoder.train()
-        return images, psnr_and_l1(images, val_frames)
-
-    def make_checkpoint(step, metrics):
-        return dict(format=DECODER_FORMAT, step=step, model=decoder.state_dict(), optimizer=optimizer.state_dict(),
-                    scheduler=scheduler.state_dict(), config=dataclasses.asdict(config), train_args=vars(args),
-                    token_stats=dict(mean=token_stats.mean, std=token_stats.std), mean_image=mean_image.cpu(),
-                    encoder=dict(name_or_path=args.encoder, pool=args.pool), metrics=metrics)
-
+          f"{frozen_encoder.num_tokens} tokens x {decoder.config.token_dim} -> 3 x {decoder.config.image_size}^2; "
+          f"held-out mean-image baseline {held_out.baseline_psnr:.2f} dB")
     log_file = open(os.path.join(args.out, "log.jsonl"), "a")
-
-    def log(done, loss):
-        _, (psnr, l1) = evaluate()
-        record = dict(step=done, loss=loss, val_psnr=psnr, val_l1=l1, baseline_psnr=baseline_psnr,
-                      baseline_l1=baseline_l1)
-        log_file.write(json.dumps(record) + "\n")
-        log_file.flush()
-        return record
-
     batches = frame_batches(train_set, args.batch_size, args.seed, args.num_workers, start_step)
     progress = tqdm(total=args.steps, initial=start_step, dynamic_ncols=True)
-    metrics = log(0, None) if resumed is None else resumed["metrics"]  # step 0: the untrained decoder
+    # step 0: the untrained decoder
+    metrics = write_record(log_file, decoder, held_out, 0, None) if resumed is None else resumed["metrics"]
     step = start_step
     decoder.train()
     with StopRequest() as stop:
@@ -396,21 +414,17 @@ def train(args):
                 tokens = token_stats.normalize(frozen_encoder(frames))  # (B, N, D)
             generator = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step)
             loss = reconstruction_loss(decoder, frozen_encoder, token_stats, frames, tokens, args.noise_tau,
-                                          args.perceptual, generator)
-            if not torch.isfinite(loss):
-                raise SystemExit(f"error: the loss became {loss.item()} at step {step}; the last good "
-                                 f"checkpoint ({checkpoint_path}) is intact")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+                                       args.perceptual, generator)
+            check_finite(loss, step, checkpoint_path)
+            optimizer_step(loss, decoder, optimizer, scheduler)
             done = step + 1
-            if done % args.val_every == 0 or done == args.steps or stop.signal_name:
-                metrics = log(done, loss.item())
+            if is_due(done, args.val_every, args.steps) or stop.signal_name:
+                metrics = write_record(log_file, decoder, held_out, done, loss.item())
                 progress.set_postfix(loss=f"{loss.item():.4f}", val_psnr=f"{metrics['val_psnr']:.2f}dB")
             progress.update(1)
-            if done % args.save_every == 0 or done == args.steps or stop.signal_name:
-                save_atomic(make_checkpoint(done, metrics), checkpoint_path)
+            if is_due(done, args.save_every, args.steps) or stop.signal_name:
+                save_atomic(checkpoint_payload(args, done, decoder, optimizer, scheduler, token_stats, mean_image,
+                                               metrics), checkpoint_path)
             if stop.signal_name:
                 break
     progress.close()
@@ -418,11 +432,11 @@ def train(args):
     if stop.signal_name:
         print(f"{stop.signal_name}: stopped after step {step + 1}; continue with --resume {checkpoint_path}")
         return 130
-    images, _ = evaluate()
-    picture = save_image_strip(os.path.join(args.out, "recon.png"), [val_frames[:8], images[:8]],
-                               labels=["truth", "decoded"], scale=max(1, 128 // config.image_size))
+    images, _ = validate(decoder, held_out)
+    picture = save_image_strip(os.path.join(args.out, "recon.png"), [held_out.frames[:8], images[:8]],
+                               labels=["truth", "decoded"], scale=max(1, 128 // decoder.config.image_size))
     print(f"checkpoint: {checkpoint_path}; held-out PSNR {metrics['val_psnr']:.2f} dB "
-          f"(mean image {baseline_psnr:.2f} dB); pictures: {picture}")
+          f"(mean image {held_out.baseline_psnr:.2f} dB); pictures: {picture}")
     return 0
 
 

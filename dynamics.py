@@ -10,18 +10,18 @@ next-frame predictor: feed the past clean-ish, the new frame as noise, and read 
 
 One block of tokens per time step
 ---------------------------------
-Every frame becomes a block of S = R + N + 1 + A tokens of width C:
+Every frame becomes a block of S = R + N + 1 + A tokens of width E:
 
     [ registers (R) | latent tokens (N) | shortcut token (1) | action tokens (A) ]
 
 - registers: learned tokens with no input, scratch space for attention (as in DINOv2).
-- latent tokens: linear(D -> C) of the frame's noisy DINOv2 tokens.
+- latent tokens: linear(D -> E) of the frame's noisy DINOv2 tokens.
 - shortcut token: [τ embedding ⊕ d embedding]. Both live on a discrete grid: τ ∈ {0, 1/K_max,
   ..., 1} and d ∈ {1, 1/2, 1/4, ..., 1/K_max}, so each is a row of a learned table.
 - action tokens: linear(action) + a learned "action" embedding for labelled clips; the learned
   "no action" embedding alone for unlabelled video (95 % of the data). Block t carries the
   action that moved the arm from frame t-1 to frame t.
-A learned per-slot embedding (S, C) is added to every block: it tells space attention which
+A learned per-slot embedding (S, E) is added to every block: it tells space attention which
 slot is which (patch position, register number, ...). Time order comes from RoPE (below).
 
 Space-only and time-only attention by reshaping, never by masking
@@ -29,8 +29,8 @@ Space-only and time-only attention by reshaping, never by masking
 Full attention over all T·S tokens would cost (T·S)² and need a block-causal mask. Dreamer 4
 factorises it instead, and a reshape is all it takes:
 
-    space layer:  (B, T, S, C) -> (B·T, S, C)   every token sees the tokens of its own frame
-    time layer:   (B, T, S, C) -> (B·S, T, C)   every slot sees the same slot in frames ≤ t
+    space layer:  (B, T, S, E) -> (B·T, S, E)   every token sees the tokens of its own frame
+    time layer:   (B, T, S, E) -> (B·S, T, E)   every slot sees the same slot in frames ≤ t
 
 Every `time_every`-th layer is a time layer (Dreamer 4 uses 4); the rest are space layers. Both
 kinds must exist (2 <= time_every <= depth): space layers are the only way the action tokens of a
@@ -104,7 +104,7 @@ from torch.nn.attention.flex_attention import flex_attention
 class DynamicsConfig:
     token_dim: int = 384          # D, DINOv2 token width
     num_tokens: int = 64          # N, latent tokens per frame
-    width: int = 384              # C, transformer width
+    width: int = 384              # E, transformer width
     depth: int = 12               # number of layers (space + time)
     heads: int = 6                # query heads
     kv_heads: int = 2             # key/value heads (GQA); must divide heads
@@ -290,7 +290,7 @@ class Attention(nn.Module):
         self.key_norm = nn.RMSNorm(self.head_dim)
 
     def forward(self, x, causal=False, rope=None, cache=None, cache_layer=None, append=False):
-        rows, length, _ = x.shape  # (rows, L, C): rows = B·T for space layers, B·S for time layers
+        rows, length, _ = x.shape  # (rows, L, E): rows = B·T for space layers, B·S for time layers
         q = self.query(x).view(rows, length, self.heads, self.head_dim).transpose(1, 2)
         k, v = self.key_value(x).view(rows, length, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = self.query_norm(q), self.key_norm(k)  # (rows, heads, L, hd), (rows, kv_heads, L, hd)
@@ -314,7 +314,7 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    """One pre-norm layer on (B, T, S, C): space-only (time_layer is None) or causal time-only,
+    """One pre-norm layer on (B, T, S, E): space-only (time_layer is None) or causal time-only,
     in which case time_layer is its index among the time layers (its slot in the KV cache)."""
 
     def __init__(self, width, heads, kv_heads, mlp_ratio, soft_cap, backend, time_layer=None):
@@ -326,14 +326,14 @@ class Block(nn.Module):
         self.mlp = SwiGLU(width, int(mlp_ratio * width))
 
     def forward(self, x, rope=None, cache=None, append=False):
-        B, T, S, C = x.shape
+        B, T, S, E = x.shape
         h = self.attention_norm(x)
         if self.time_layer is None:  # space: the S tokens of one frame attend to each other
-            h = self.attention(h.reshape(B * T, S, C)).view(B, T, S, C)
+            h = self.attention(h.reshape(B * T, S, E)).view(B, T, S, E)
         else:  # time: one slot attends to itself in frames <= t
-            h = h.transpose(1, 2).reshape(B * S, T, C)
+            h = h.transpose(1, 2).reshape(B * S, T, E)
             h = self.attention(h, causal=True, rope=rope, cache=cache, cache_layer=self.time_layer, append=append)
-            h = h.view(B, S, T, C).transpose(1, 2)
+            h = h.view(B, S, T, E).transpose(1, 2)
         x = x + h
         return x + self.mlp(self.mlp_norm(x))
 
@@ -357,7 +357,7 @@ class DHHead(nn.Module):
         self.norm = nn.RMSNorm(config.dh_width)
         self.out = nn.Linear(config.dh_width, config.token_dim)
 
-    def forward(self, features, x_tau):  # (B, T, N, C), (B, T, N, D) -> (B, T, N, D)
+    def forward(self, features, x_tau):  # (B, T, N, E), (B, T, N, D) -> (B, T, N, D)
         h = self.from_trunk(features) + self.from_input(x_tau)
         for block in self.blocks:
             h = block(h)
@@ -412,15 +412,15 @@ class DynamicsModel(nn.Module):
         frames come right after the cached ones. Returns x̂1 (B, T, N, D)."""
         c = self.config
         B, T, N, _ = x_tau.shape
-        latents = self.token_in(x_tau)  # (B, T, N, C)
-        registers = self.registers.expand(B, T, -1, -1)  # (B, T, R, C)
+        latents = self.token_in(x_tau)  # (B, T, N, E)
+        registers = self.registers.expand(B, T, -1, -1)  # (B, T, R, E)
         tau_index = (tau * c.k_max).round().long()
         step_index = (-torch.log2(d)).round().long()
         shortcut = torch.cat([self.tau_embedding(tau_index), self.step_embedding(step_index)], dim=-1)
         action = self.action_in(actions).view(B, T, c.action_tokens, c.width) + self.action_embedding
         labelled = action_mask.view(B, -1).expand(B, T)[:, :, None, None]  # (B, T, 1, 1)
-        action = torch.where(labelled, action, self.no_action_embedding)  # (B, T, A, C)
-        x = torch.cat([registers, latents, shortcut[:, :, None], action], dim=2) + self.slot_embedding  # (B, T, S, C)
+        action = torch.where(labelled, action, self.no_action_embedding)  # (B, T, A, E)
+        x = torch.cat([registers, latents, shortcut[:, :, None], action], dim=2) + self.slot_embedding  # (B, T, S, E)
 
         start = 0 if cache is None else cache.length
         rope = rope_angles(torch.arange(start, start + T, device=x.device), c.width // c.heads)
@@ -429,7 +429,7 @@ class DynamicsModel(nn.Module):
         if cache is not None and append:
             cache.length += T
 
-        features = self.norm(x[:, :, c.num_registers:c.num_registers + N])  # (B, T, N, C)
+        features = self.norm(x[:, :, c.num_registers:c.num_registers + N])  # (B, T, N, E)
         output = self.head(features) if c.head == "linear" else self.head(features, x_tau)
         if self.jacobian is not None:  # + J·a: each token's change per unit of each action dimension
             jacobian = self.jacobian(features).view(B, T, N, c.action_dim, c.token_dim)

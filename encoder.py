@@ -31,8 +31,10 @@ dataset and stores the tokens (float16, memory-mapped); `train.py --feature-cach
 without decoding video or running DINOv2 at all.
 """
 import argparse
+import itertools
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -41,6 +43,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
+
+import data
+from stats import Moments, Stats
 
 DEFAULT_ENCODER = "facebook/dinov2-with-registers-small"
 TOY_ENCODER_DIR = os.path.join("toy_data", "dinov2_tiny_p4")
@@ -126,43 +131,16 @@ def ensure_tiny_dinov2(path=TOY_ENCODER_DIR, **sizes):
     return path
 
 
-class TokenStats:
+class TokenStats(Stats):
     """Per-channel mean and std (D,) of raw tokens: z = (tokens − mean)/std."""
 
-    def __init__(self, mean, std):
-        self.mean = torch.as_tensor(mean, dtype=torch.float32)
-        self.std = torch.as_tensor(std, dtype=torch.float32)
-
-    def normalize(self, tokens):
-        return (tokens - self.mean.to(tokens.device)) / self.std.to(tokens.device)
-
-    def denormalize(self, tokens):
-        return tokens * self.std.to(tokens.device) + self.mean.to(tokens.device)
-
-    def save(self, path):
-        with open(path, "w") as file:
-            json.dump({"mean": self.mean.tolist(), "std": self.std.tolist()}, file)
-
     @classmethod
-    def load(cls, path):
-        with open(path) as file:
-            return cls(**json.load(file))
-
-
-def compute_token_stats(token_batches, max_batches=8):
-    """Mean and std per channel over every token of up to `max_batches` batches of raw tokens
-    (any shape (..., D)). Accumulated in float64 so large datasets do not lose precision."""
-    total, total_squares, count = 0.0, 0.0, 0
-    for index, tokens in enumerate(token_batches):
-        if index >= max_batches:
-            break
-        flat = tokens.reshape(-1, tokens.shape[-1]).double()
-        total, total_squares, count = total + flat.sum(0), total_squares + flat.pow(2).sum(0), count + len(flat)
-    if count == 0:
-        raise ValueError("no tokens to compute statistics from")
-    mean = total / count
-    std = (total_squares / count - mean ** 2).clamp_min(1e-12).sqrt()
-    return TokenStats(mean.float(), std.float().clamp_min(1e-6))
+    def from_batches(cls, token_batches, max_batches=8):
+        """Over every token of the first `max_batches` batches of raw tokens (any shape (..., D))."""
+        moments = Moments()
+        for tokens in itertools.islice(token_batches, max_batches):
+            moments.add(tokens)
+        return moments.stats(cls)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,7 +150,6 @@ def compute_token_stats(token_batches, max_batches=8):
 def write_feature_cache(source, out, encoder, camera_key, batch_size=64, num_workers=0, device="cpu"):
     """tokens.npy (total_frames, N, D) float16 with row i = absolute frame i, plus meta.json and
     token_stats.json. Written into `<out>.partial` and renamed at the end: never half a cache."""
-    import data
     frames = data.ClipDataset(source, role="unlabeled", camera_key=camera_key, clip_length=1,
                               image_size=encoder.image_size)
     if os.path.exists(out) and not os.path.isfile(os.path.join(out, "meta.json")):
@@ -183,27 +160,22 @@ def write_feature_cache(source, out, encoder, camera_key, batch_size=64, num_wor
     tokens = np.lib.format.open_memmap(os.path.join(partial, "tokens.npy"), mode="w+", dtype=np.float16,
                                        shape=(total, encoder.num_tokens, encoder.token_dim))
     loader = torch.utils.data.DataLoader(frames, batch_size=batch_size, num_workers=num_workers)
-    total_sum = total_squares = 0.0
+    moments = Moments()
     start_time = time.perf_counter()
     position = 0
     for batch in tqdm(loader, desc=f"encoding {source}", unit="batch"):
         encoded = encoder(batch["frames"][:, 0].to(device)).cpu()  # (B, N, D)
         rows = frames.absolute_index[frames.starts[position:position + len(encoded)]]
         tokens[rows] = encoded.numpy().astype(np.float16)
-        flat = encoded.reshape(-1, encoded.shape[-1]).double()
-        total_sum, total_squares = total_sum + flat.sum(0), total_squares + flat.pow(2).sum(0)
+        moments.add(encoded)
         position += len(encoded)
     tokens.flush()
     seconds = time.perf_counter() - start_time
-    count = position * encoder.num_tokens
-    mean = total_sum / count
-    TokenStats(mean.float(), (total_squares / count - mean ** 2).clamp_min(1e-12).sqrt().float()).save(
-        os.path.join(partial, "token_stats.json"))
+    moments.stats(TokenStats).save(os.path.join(partial, "token_stats.json"))
     with open(os.path.join(partial, "meta.json"), "w") as file:
         json.dump(dict(source=source, encoder=encoder.name_or_path, pool=encoder.pool, camera_key=camera_key,
                        image_size=encoder.image_size, num_frames=total, seconds=seconds), file, indent=1)
     if os.path.isdir(out):
-        import shutil
         shutil.rmtree(out)
     os.replace(partial, out)
     return out, position / seconds
@@ -234,7 +206,6 @@ def main(argv=None):
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    import data
     try:
         encoder = Encoder(args.encoder, pool=args.pool, image_size=args.image_size).to(args.device)
         out, frames_per_second = write_feature_cache(args.dataset, args.out, encoder, args.camera_key,

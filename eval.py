@@ -1,7 +1,6 @@
-"""Evaluate a trained world model, and reproduce the paper's ablations on the toy world.
+"""Evaluate a trained world model.
 
     python eval.py --checkpoint runs/toy/checkpoint.pt [--dataset PATH] [--decoder runs/toy/decoder/checkpoint.pt]
-    python eval.py --ablations                       # trains tiny variants on the toy world, then compares them
 
 A world model is good for planning when (1) its imagined futures stay close to the real ones for
 many steps, (2) those futures depend on the action it is given, (3) it needs few sampling steps,
@@ -31,16 +30,11 @@ Shortcut forcing's promise is that K = 4 is about as good as K = K_max.
 
 Closed loop. CEM MPC in the toy world (sim.py) on random start/goal pairs (default 50, the pose
 task, the toy planner at K = 1), against random actions on the same pairs: success rate, final
-pose error, steps (plan.py does the work).
+pose error, steps (closed_loop_report: cem.py's planner in sim.py's benchmark).
 
 Outputs: `<out>/report.json`, PNG plots (error vs horizon, error and time vs K), decoded rollout
-strips beside ground truth when a decoder is given, and a short table on stdout.
-
-Ablations (`--ablations`): tiny models that differ in one thing each, trained with the same
-budget and seeds on the same toy data, evaluated as above; a markdown table is written to
-`<out>/ablations.md` (the README carries it). Every variant is scored on the same held-out clips
-and start/goal pairs, with token errors in the recipe's normalisation (a variant with another
-encoder is marked: its token space is its own).
+strips beside ground truth when a decoder is given, and a short table on stdout. ablations.py
+scores its variants with `evaluate`, all on one token scale (score_stats).
 """
 import argparse
 import json
@@ -54,8 +48,9 @@ import torch
 import data
 import encoder as encoder_module
 import sim
-import plan
-import train as train_module
+from cem import PLANNER_SIZES, CEMPlanner, LearnedModel, MPCPolicy, RandomPolicy, SimOracle
+from checkpoint import TOY_RUN_DIR, CheckpointError, load_world_model
+from decode import load_decoder, save_gif, save_image_strip
 from shortcut import rollout
 
 # ----------------------------------------------------------------------------------------------
@@ -127,7 +122,7 @@ def open_loop_rollout(model, tokens, actions, context, K, action_source="true", 
 ACTION_NAMES = ("dx", "dy", "dz", "rx", "ry", "rz", "dgripper")
 
 
-def action_response(world_model, contexts=32, magnitude=2.0, context_frames=2, seed=0):
+def action_response(learned, contexts=32, magnitude=2.0, context_frames=2, seed=0):
     """Does each action dimension move the imagined frame the way it moves the real one? (toy world)
 
     For `contexts` situations of the simulator (the last `context_frames` frames of a smooth random
@@ -145,7 +140,7 @@ def action_response(world_model, contexts=32, magnitude=2.0, context_frames=2, s
     signs = torch.tensor([1.0, -1.0]).repeat(7)  # rows 2i, 2i + 1: +e_i, -e_i
     normalised = torch.zeros(14, 1, 7)
     normalised[torch.arange(14), 0, torch.arange(14) // 2] = magnitude * signs
-    robot = world_model.action_stats.denormalize(normalised[:, 0]).double().numpy()  # (14, 7)
+    robot = learned.action_stats.denormalize(normalised[:, 0]).double().numpy()  # (14, 7)
     cosines, ratios = [], []
     while len(cosines) < contexts:
         poses = sim.random_trajectory(rng, context_frames)  # (C, 7)
@@ -153,16 +148,40 @@ def action_response(world_model, contexts=32, magnitude=2.0, context_frames=2, s
         following = data.apply_delta_ee(start, robot)
         if not np.allclose(sim.step_batch(start, robot), following):
             continue  # clipped at the workspace edge: the true change would not be the action's
-        context = world_model.context(list(sim.render_batch(poses)), poses,
+        context = learned.context(list(sim.render_batch(poses)), poses,
                                       list(data.delta_ee(poses[:-1], poses[1:])))
-        truth = world_model.encode(list(sim.render_batch(following)))  # (14, N, D)
-        imagined = world_model.imagine(context, normalised, torch.Generator().manual_seed(seed))[:, 0]
+        truth = learned.encode(list(sim.render_batch(following)))  # (14, N, D)
+        imagined = learned.imagine(context, normalised, torch.Generator().manual_seed(seed))[:, 0]
         true_change = (truth[0::2] - truth[1::2]).flatten(1).cpu()  # (7, N·D)
         imagined_change = (imagined[0::2] - imagined[1::2]).flatten(1).cpu()
         cosines.append(torch.nn.functional.cosine_similarity(imagined_change, true_change, dim=1))
         ratios.append(imagined_change.norm(dim=1) / true_change.norm(dim=1))
     return dict(cosine=torch.stack(cosines).mean(0).tolist(), norm_ratio=torch.stack(ratios).mean(0).tolist(),
                 contexts=contexts, magnitude=magnitude, dimensions=list(ACTION_NAMES))
+
+
+# ----------------------------------------------------------------------------------------------
+# Closed loop in the toy world.
+
+
+def closed_loop_report(learned, pairs=50, seed=0, max_steps=sim.MAX_STEPS, size="toy", K=None, oracle=False,
+                       task="pose", progress=False, **planner_options):
+    """CEM MPC with a LearnedModel (or, oracle=True, the simulator seen through its encoder) vs random
+    actions on the same `pairs` random start/goal pairs of the toy world's `task`, with a planner of
+    the given `size` (PLANNER_SIZES; K and planner_options override it)."""
+    size_options, size_K = PLANNER_SIZES[size]
+    learned = learned.with_K(K or size_K)
+    options = {**size_options, **sim.TASKS[task]["bounds"], **planner_options, "seed": seed}
+    model = SimOracle(learned.encoder, learned.token_stats, learned.action_stats) if oracle else learned
+    planner = CEMPlanner(model, **options)
+    pair_list = sim.make_pairs(pairs, seed, task=task)
+    start = time.perf_counter()
+    report = dict(task=task, size=size, pairs=pairs, max_steps=max_steps, tolerance=sim.TOLERANCE,
+                  path_steps=sim.PATH_STEPS, oracle=oracle, K=learned.K, planner_options=options,
+                  planner=sim.evaluate_closed_loop(MPCPolicy(planner), pair_list, max_steps, progress=progress))
+    report["seconds"] = time.perf_counter() - start
+    report["random"] = sim.evaluate_closed_loop(RandomPolicy(planner), pair_list, max_steps)
+    return report
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,7 +194,7 @@ def evaluate(checkpoint_path, out, dataset=None, decoder_path=None, context=2, h
     """Every metric of one checkpoint, written to <out>/report.json (and plots). score_stats: the token
     statistics errors are measured in (default the checkpoint's own); give several checkpoints the
     same ones to compare them on one scale."""
-    model, checkpoint = train_module.load_world_model(checkpoint_path)
+    model, checkpoint = load_world_model(checkpoint_path)
     settings = {key: checkpoint["train_args"].get(key, default)
                 for key, default in (("pred", "x"), ("mode", "shortcut"), ("context_noise", 0.9))}
     token_stats = encoder_module.TokenStats(**checkpoint["token_stats"])
@@ -214,13 +233,11 @@ def evaluate(checkpoint_path, out, dataset=None, decoder_path=None, context=2, h
                                              ms_per_frame=1000 * seconds))
 
     if checkpoint["toy"]:
-        world_model = plan.WorldModel(model, frozen_encoder, token_stats, data.ActionStats(**checkpoint["action_stats"]),
-                                      K, settings["pred"], settings["mode"], settings["context_noise"], toy=True)
-        report["action_response"] = action_response(world_model, response_contexts, seed=seed)
+        learned = LearnedModel.from_checkpoint(model, checkpoint, frozen_encoder, K)
+        report["action_response"] = action_response(learned, response_contexts, seed=seed)
         if closed_loop:
-            report["closed_loop"] = plan.closed_loop_report(checkpoint_path, pairs=pairs, seed=seed, task=task,
-                                                            size=planner_size, progress=not quiet,
-                                                            **(planner_options or {}))
+            report["closed_loop"] = closed_loop_report(learned, pairs=pairs, seed=seed, task=task, size=planner_size,
+                                                       progress=not quiet, **(planner_options or {}))
 
     os.makedirs(out, exist_ok=True)
     report["plots"] = plot_report(report, out)
@@ -263,11 +280,24 @@ def summary_table(report):
     return "\n".join(rows)
 
 
-def plot_report(report, out):
+def two_panels():
+    """A figure of two plots side by side, drawn without a display."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    return plt.subplots(1, 2, figsize=(10, 3.6))
+
+
+def save_figure(figure, path):
+    import matplotlib.pyplot as plt
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def plot_report(report, out):
+    figure, (left, right) = two_panels()
     steps = np.arange(1, report["horizon"] + 1)
     for name, label in (("actions_true", "model, true actions"), ("actions_shuffled", "model, shuffled actions"),
                         ("actions_none", "model, no action"), ("copy_last", "copy last frame")):
@@ -278,16 +308,11 @@ def plot_report(report, out):
     right.plot([entry["K"] for entry in sweep], [entry["mse"] for entry in sweep], marker="o")
     right.set(xscale="log", xlabel="sampling steps K", ylabel="mean token MSE", title="error vs sampling steps")
     right.set_xticks([entry["K"] for entry in sweep], [str(entry["K"]) for entry in sweep])
-    figure.tight_layout()
-    path = os.path.join(out, "open_loop.png")
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return [path]
+    return [save_figure(figure, os.path.join(out, "open_loop.png"))]
 
 
 def decoded_strips(decoder_path, checkpoint, tokens, predicted, context, out, clips=3):
     """Decoded ground truth beside decoded imagination for a few clips: PNG strips and a GIF."""
-    from decode import load_decoder, save_gif, save_image_strip
     decoder, _ = load_decoder(decoder_path, encoder=checkpoint["encoder"])
     token_stats = encoder_module.TokenStats(**checkpoint["token_stats"])
     paths = []
@@ -302,197 +327,38 @@ def decoded_strips(decoder_path, checkpoint, tokens, predicted, context, out, cl
 
 
 # ----------------------------------------------------------------------------------------------
-# Ablations on the toy world: one change each to the demo's recipe, same budget, seeds and clips.
-
-# Each variant: extra train.py flags; `data`: which toy datasets play the labelled and the
-# action-free role ("demo": the demo's, 5 % labelled; "all_labeled": the action-free set with its
-# actions, every sample labelled; "labeled_alone": the 5 % labelled episodes alone; "av1": the demo's
-# sets stored as AV1 video); `coarse_encoder`: the earlier toy encoder (8 px patches, width 64).
-ABLATIONS = {
-    "recipe": dict(),
-    "ramp": dict(flags=["--ramp"]),  # Dreamer 4's loss weight w(τ) = 0.9τ + 0.1
-    "no_action_jacobian": dict(flags=["--no-action-jacobian"]),
-    "no_labeled_queries": dict(flags=["--no-labeled-queries"]),
-    "diffusion_forcing": dict(flags=["--mode", "diffusion"]),
-    "v_prediction": dict(flags=["--pred", "v"]),
-    "labeled_100": dict(data="all_labeled"),
-    "labeled_5_alone": dict(data="labeled_alone"),
-    "av1_video": dict(data="av1"),
-    "coarse_encoder": dict(coarse_encoder=True),
-}
-
-
-def ablation_arguments(name, steps, seed, out, extra=(), toy_datasets=None):
-    """train.py arguments of one variant. toy_datasets: {"demo": (labelled, unlabelled), "av1": ...}
-    roots, default the demo's (written on first use)."""
-    variant = ABLATIONS[name]
-    kind = variant.get("data", "demo")
-    datasets = toy_datasets or {}
-    labeled, unlabeled = datasets.get("av1" if kind == "av1" else "demo") or sim.ensure_toy_datasets(video=kind == "av1")
-    roles = {"demo": (labeled, unlabeled), "av1": (labeled, unlabeled), "all_labeled": (unlabeled, unlabeled),
-             "labeled_alone": (labeled, labeled)}[kind]
-    argv = ["--toy", "--labeled", roles[0], "--unlabeled", roles[1], "--steps", str(steps), "--seed", str(seed),
-            "--out", out, "--overwrite", "--val-every", "0", "--save-every", str(steps), *variant.get("flags", [])]
-    if kind in ("all_labeled", "labeled_alone"):
-        argv += ["--labeled-fraction", "1.0"]
-    if variant.get("coarse_encoder"):
-        argv += ["--encoder", encoder_module.ensure_tiny_dinov2(encoder_module.COARSE_ENCODER_DIR, patch_size=8,
-                                                                 hidden_size=64), "--pool", "2"]
-    return [*argv, *extra]
-
-
-def run_ablations(out, steps, pairs, clips, seed=0, planner_options=None, names=None, toy_datasets=None,
-                  train_arguments=(), context=2, horizon=8, closed_loop=True, task="pose", planner_size="toy"):
-    """Train every variant (or `names`), evaluate each on the same held-out clips and start/goal pairs,
-    with errors measured in the recipe's token normalisation (variants with another encoder in their
-    own: their MSE columns are starred), and write ablations.json/.md and a plot.
-    toy_datasets, train_arguments: other datasets (see ablation_arguments) and extra train.py flags."""
-    results = {}
-    reference = None  # the recipe's token statistics: one scale for every variant
-    for name in names or ABLATIONS:
-        run_dir = os.path.join(out, name)
-        print(f"== ablation {name}: training {steps} steps")
-        code = train_module.main(ablation_arguments(name, steps, seed, run_dir, train_arguments, toy_datasets))
-        if code != 0:
-            raise SystemExit(f"error: training the {name} variant stopped early (exit {code})")
-        recipe_checkpoint = os.path.join(out, "recipe", "checkpoint.pt")
-        if reference is None and os.path.isfile(recipe_checkpoint):
-            reference = encoder_module.TokenStats(**train_module.load_safely(recipe_checkpoint)["token_stats"])
-        own_scale = ABLATIONS[name].get("coarse_encoder", False)
-        results[name] = evaluate(os.path.join(run_dir, "checkpoint.pt"), run_dir, context=context, horizon=horizon,
-                                 clips=clips, pairs=pairs, K=4, closed_loop=closed_loop,
-                                 planner_options=planner_options, seed=seed, quiet=True, task=task,
-                                 planner_size=planner_size, score_stats=None if own_scale else reference)
-        results[name]["own_scale"] = own_scale or reference is None
-    results = {**earlier_results(out, results), **results}
-    results = {name: results[name] for name in ABLATIONS if name in results}  # the table's order
-    with open(os.path.join(out, "ablations.json"), "w") as file:
-        json.dump(results, file, indent=1)
-    table = ablation_table(results, steps, horizon)
-    with open(os.path.join(out, "ablations.md"), "w") as file:
-        file.write(table + "\n")
-    plot_ablations(results, out)
-    print(table)
-    return results
-
-
-def earlier_results(out, results):
-    """The other variants' results from an earlier ablations.json in `out`, where they were made
-    with the same settings as `results` (steps, horizon, K, closed loop): rerunning some variants
-    (--only) then updates the table instead of replacing it."""
-    def settings(report):
-        loop = report.get("closed_loop") or {}
-        return (report["step"], report["context"], report["horizon"], report["K"],
-                loop.get("task"), loop.get("size"), loop.get("pairs"))
-
-    path = os.path.join(out, "ablations.json")
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as file:
-        earlier = json.load(file)
-    reference = settings(next(iter(results.values())))
-    kept = {name: report for name, report in earlier.items()
-            if name in ABLATIONS and name not in results and settings(report) == reference}
-    if kept:
-        print(f"keeping the earlier results of {', '.join(kept)} from {path} (same settings)")
-    return kept
-
-
-def ablation_table(results, steps, horizon):
-    def mean_mse(report, K):
-        return next(entry["mse"] for entry in report["sampling_steps"] if entry["K"] == K)
-
-    loops = [report["closed_loop"] for report in results.values() if "closed_loop" in report]
-    closed_loop_note = (f" Closed loop: task {loops[0]['task']}, {loops[0]['pairs']} start/goal pairs, CEM "
-                        f"{loops[0]['size']} planner at K = {loops[0]['K']}, random actions on the same pairs in "
-                        f"brackets." if loops else "")
-    lines = [f"Tiny models, {steps} training steps each, same seed; every variant scored on the same held-out clips, "
-             f"token MSE in the recipe's normalisation (* another encoder: its own token space, not comparable); "
-             f"MSE K=1 / K=4: mean over {horizon} open-loop steps; at h={horizon}, K = 4: error / copy-last and "
-             f"action gap (shuffled / true actions); response: cosine between imagined and true token change "
-             f"for a ±2σ action, mean over translation / rotation / gripper.{closed_loop_note}", "",
-             f"| variant | MSE K=1 | MSE K=4 | MSE h={horizon} | error / copy-last | action gap "
-             "| response (xyz / rot / grip) | MPC success | final error (pos, rot, grip) |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for name, report in results.items():
-        star = "*" if report.get("own_scale") else ""
-        loop = report.get("closed_loop")
-        success = (f"{loop['planner']['success_rate']:.0%} ({loop['random']['success_rate']:.0%})" if loop else "-")
-        error = (f"{100 * loop['planner']['final_position_error']:.1f} cm, "
-                 f"{loop['planner']['final_rotation_error']:.2f} rad, {loop['planner']['final_gripper_error']:.2f}"
-                 if loop else "-")
-        cosine = report.get("action_response", {}).get("cosine")
-        response = (f"{np.mean(cosine[:3]):.2f} / {np.mean(cosine[3:6]):.2f} / {cosine[6]:.2f}" if cosine else "-")
-        lines.append(f"| {name} | {mean_mse(report, 1):.4f}{star} | {mean_mse(report, 4):.4f}{star} | "
-                     f"{report['actions_true']['mse'][-1]:.4f}{star} | {report['open_loop_ratio']:.2f} | "
-                     f"{report['action_gap']:.2f} | {response} | {success} | {error} |")
-    return "\n".join(lines)
-
-
-def plot_ablations(results, out):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for name, report in results.items():
-        left.plot(np.arange(1, report["horizon"] + 1), report["actions_true"]["mse"], marker=".", label=name)
-        sweep = report["sampling_steps"]
-        right.plot([entry["K"] for entry in sweep], [entry["mse"] for entry in sweep], marker=".", label=name)
-    left.set(xlabel="horizon step", ylabel="token MSE", title="open-loop error (K = 4)")
-    right.set(xscale="log", xlabel="sampling steps K", ylabel="mean token MSE", title="error vs K")
-    right.legend(fontsize=7)
-    figure.tight_layout()
-    path = os.path.join(out, "ablations.png")
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
-
-
-# ----------------------------------------------------------------------------------------------
 # Command line.
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Evaluate a world-model checkpoint (open loop, action "
-                                     "sensitivity, sampling steps, closed-loop MPC), or run the toy ablations.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--checkpoint", default=os.path.join(train_module.TOY_RUN_DIR, "checkpoint.pt"))
+    parser = argparse.ArgumentParser(description="Evaluate a world-model checkpoint: open loop, action sensitivity "
+                                     "and response, sampling steps, closed-loop MPC (toy world). The toy ablations: "
+                                     "ablations.py.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--checkpoint", default=os.path.join(TOY_RUN_DIR, "checkpoint.pt"))
     parser.add_argument("--dataset", help="labelled dataset to evaluate on (default: the checkpoint's held-out "
                                           "labelled episodes)")
     parser.add_argument("--decoder", help="decoder checkpoint (decode.py) for pictures of rollouts")
-    parser.add_argument("--out", help="output folder (default: <checkpoint folder>/eval, or runs/ablations)")
+    parser.add_argument("--out", help="output folder (default: <checkpoint folder>/eval)")
     parser.add_argument("--context", type=int, default=2, help="real frames before the imagined ones")
     parser.add_argument("--horizon", type=int, default=8, help="imagined frames per clip")
     parser.add_argument("--clips", type=int, default=32, help="held-out clips")
     parser.add_argument("--pairs", type=int, default=50, help="closed-loop start/goal pairs (toy world)")
     parser.add_argument("--K", type=int, default=4, help="sampling steps for the open-loop metrics")
     parser.add_argument("--no-closed-loop", action="store_true", help="skip MPC in the toy world")
-    parser.add_argument("--task", choices=sorted(plan.TASKS), default="pose",
-                        help="closed-loop task: reach the whole goal pose, or only a goal position (plan.py)")
-    parser.add_argument("--planner", choices=sorted(plan.PLANNER_SIZES), default="toy",
-                        help="closed-loop planner size (plan.PLANNER_SIZES)")
+    parser.add_argument("--task", choices=sorted(sim.TASKS), default="pose",
+                        help="closed-loop task: reach the whole goal pose, or only a goal position (sim.py)")
+    parser.add_argument("--planner", choices=sorted(PLANNER_SIZES), default="toy",
+                        help="closed-loop planner size (cem.PLANNER_SIZES)")
     parser.add_argument("--seed", type=int, default=1,
                         help="clips, response situations and start/goal pairs (the tests use seed 0)")
-    parser.add_argument("--ablations", action="store_true", help="train and compare the toy ablations")
-    parser.add_argument("--ablation-steps", type=int, default=train_module.TOY_DEFAULTS["steps"],
-                        help="training steps per ablation variant (the demo's budget)")
-    parser.add_argument("--only", nargs="+", choices=list(ABLATIONS),
-                        help="run only these ablation variants (the others' results in --out, made with the same "
-                             "settings, stay in the table)")
     args = parser.parse_args(argv)
     if args.context < 1 or args.horizon < 1:
         parser.error("--context and --horizon must be at least 1")
     try:
-        if args.ablations:
-            run_ablations(args.out or os.path.join("runs", "ablations"), args.ablation_steps, args.pairs,
-                          args.clips, args.seed, names=args.only, closed_loop=not args.no_closed_loop,
-                          task=args.task, planner_size=args.planner)
-        else:
-            evaluate(args.checkpoint, args.out or os.path.join(os.path.dirname(args.checkpoint), "eval"),
-                     args.dataset, args.decoder, args.context, args.horizon, args.clips, args.pairs, args.K,
-                     closed_loop=not args.no_closed_loop, seed=args.seed, task=args.task,
-                     planner_size=args.planner)
-    except (train_module.CheckpointError, data.DatasetError) as error:
+        evaluate(args.checkpoint, args.out or os.path.join(os.path.dirname(args.checkpoint), "eval"),
+                 args.dataset, args.decoder, args.context, args.horizon, args.clips, args.pairs, args.K,
+                 closed_loop=not args.no_closed_loop, seed=args.seed, task=args.task, planner_size=args.planner)
+    except (CheckpointError, data.DatasetError) as error:
         raise SystemExit(f"error: {error}")
     return 0
 

@@ -27,6 +27,17 @@ every step, and writes a real LeRobot v3.0 dataset through lerobot's own `LeRobo
 add_frame / save_episode / finalize`, with DROID's key names; frames losslessly as PNG by default,
 or as AV1 video like DROID's. `ensure_toy_datasets` writes the demo's labelled and unlabelled sets
 once (different seeds, so different episodes).
+
+The closed-loop benchmark. Pairs (`make_pairs`): start = a random pose; goal = start after
+PATH_STEPS smooth random actions, so every goal is reachable in PATH_STEPS moves. Episode
+(`run_episode`): a policy sees the rendered frame and acts, the simulator steps, until the pose is
+within TOLERANCE of the goal (position, rotation angle, gripper, all at once) or after MAX_STEPS
+(2·PATH_STEPS) actions; success = within tolerance at the end. Two tasks (TASKS):
+  pose:  the goal differs in all 7 numbers; the policy may move all of them.
+  reach: the classic reaching task: the goal differs in position only, and the policy moves the
+         position only (cem.py's planner and its random baseline get rotation and gripper bounds 0).
+`write_goal_images` renders goals for `python plan.py --goal`, with their start poses in goals.json.
+cem.py supplies the policies (CEM MPC, random actions) and the simulator as an oracle world model.
 """
 import argparse
 import json
@@ -35,6 +46,8 @@ import shutil
 import sys
 
 import numpy as np
+from PIL import Image
+from tqdm import tqdm
 
 from data import CAMERA_KEY, apply_delta_ee, delta_ee, euler_to_matrix, matrix_to_rotvec
 
@@ -225,6 +238,85 @@ def pose_error(pose, goal):
 
 
 # ----------------------------------------------------------------------------------------------
+# The closed-loop benchmark.
+
+PATH_STEPS = 8  # benchmark goals lie PATH_STEPS smooth random actions away from the start
+MAX_STEPS = 2 * PATH_STEPS  # the closed-loop step budget: twice the length of the path to the goal
+TOLERANCE = dict(position=0.02, rotation=0.15, gripper=0.15)  # metres, radians, opening in [0, 1]
+# What moves between start and goal in each task, and the planner bounds that go with it (docstring).
+TASKS = {"pose": dict(moving=np.ones(7), bounds={}),
+         "reach": dict(moving=np.array([1, 1, 1, 0, 0, 0, 0]), bounds=dict(max_rotation=0.0, max_gripper=0.0))}
+
+
+def make_pairs(n, seed=0, path_steps=PATH_STEPS, margin=0.1, task="pose"):
+    """n (start, goal) poses; goal = start after `path_steps` smooth random actions, so it is reachable
+    (for task "reach" the actions move the position only).
+    Goals closer than `margin` of a range to the workspace edge are drawn again: there the clip may
+    have bitten, and at extreme poses a part of the gripper can leave the picture or hide behind the
+    rest (e.g. the fingers, seen end-on), so no image-based planner could tell it was reached."""
+    rng = np.random.default_rng(seed)
+    span = WORKSPACE_HIGH - WORKSPACE_LOW
+    low, high = WORKSPACE_LOW + margin * span, WORKSPACE_HIGH - margin * span
+    pairs = []
+    while len(pairs) < n:
+        start = goal = random_pose(rng)
+        for action in smooth_actions(rng, path_steps) * TASKS[task]["moving"]:
+            goal = step(goal, action)
+        if np.all((goal > low) & (goal < high)):
+            pairs.append((start, goal))
+    return pairs
+
+
+def reached(pose, goal, tolerance=TOLERANCE):
+    position, rotation, gripper = pose_error(pose, goal)
+    return position <= tolerance["position"] and rotation <= tolerance["rotation"] and gripper <= tolerance["gripper"]
+
+
+def run_episode(policy, start, goal, max_steps=MAX_STEPS, tolerance=TOLERANCE):
+    """Act until the pose is within tolerance of the goal or max_steps actions were taken. `policy`:
+    reset(goal_image, goal_pose), then policy(frame, pose) -> action (7,). The simulator, not the
+    policy, checks the goal. Returns a dict of the outcome and the frames seen."""
+    pose, frames = np.asarray(start, dtype=np.float64), [render(start)]
+    policy.reset(render(goal), goal)
+    steps = 0
+    while steps < max_steps and not reached(pose, goal, tolerance):
+        pose = step(pose, policy(frames[-1], pose))
+        frames.append(render(pose))
+        steps += 1
+    position, rotation, gripper = pose_error(pose, goal)
+    return dict(success=bool(reached(pose, goal, tolerance)), steps=steps, position_error=float(position),
+                rotation_error=float(rotation), gripper_error=float(gripper), frames=frames, final_pose=pose)
+
+
+def evaluate_closed_loop(policy, pairs, max_steps=MAX_STEPS, tolerance=TOLERANCE, progress=False):
+    """Run `policy` from every start to its goal. Returns success_rate, mean final errors and steps,
+    and per-episode outcomes."""
+    episodes = []
+    for start, goal in tqdm(pairs, desc=f"closed loop, {type(policy).__name__}", unit="episode", disable=not progress):
+        outcome = run_episode(policy, start, goal, max_steps, tolerance)
+        episodes.append({key: value for key, value in outcome.items() if key in
+                         ("success", "steps", "position_error", "rotation_error", "gripper_error")})
+    mean = lambda key: float(np.mean([episode[key] for episode in episodes]))  # noqa: E731
+    return dict(success_rate=mean("success"), final_position_error=mean("position_error"),
+                final_rotation_error=mean("rotation_error"), final_gripper_error=mean("gripper_error"),
+                steps=mean("steps"), episodes=episodes)
+
+
+def write_goal_images(directory="goals", n=4, seed=0):
+    """goal_<i>.png rendered for n benchmark pairs, and goals.json with each goal's pose and the start
+    pose `python plan.py --goal <dir>/goal_<i>.png` begins from. Returns the directory."""
+    os.makedirs(directory, exist_ok=True)
+    poses = {}
+    for index, (start, goal) in enumerate(make_pairs(n, seed)):
+        name = f"goal_{index}.png"
+        Image.fromarray(render(goal)).save(os.path.join(directory, name))
+        poses[name] = dict(goal=np.asarray(goal).tolist(), start=np.asarray(start).tolist())
+    with open(os.path.join(directory, "goals.json"), "w") as file:
+        json.dump(poses, file, indent=1)
+    return directory
+
+
+# ----------------------------------------------------------------------------------------------
 # Datasets.
 
 
@@ -312,7 +404,6 @@ def main(argv=None):
         write_toy_dataset(args.out, args.episodes, args.steps, args.seed, args.explore, args.video)
         print(f"wrote {args.out}")
     if args.strip:
-        from PIL import Image
         centre = (WORKSPACE_LOW + WORKSPACE_HIGH) / 2
         poses = [centre]
         for dimension in range(7):  # push each dimension towards its upper limit in turn

@@ -1,10 +1,29 @@
-"""Every test of the project. `python test_all.py` runs them all (through pytest) and exits non-zero
-on any failure. Tests run offline: they build a tiny DINOv2 from a config and write tiny toy datasets
-with lerobot itself (sim.py), then load both through the same code paths a hub id would take."""
+"""Every test of the project, in the README's reading order. `python test_all.py` runs them all (through
+pytest) and exits non-zero on any failure; `python test_all.py --quick` skips the tests marked slow
+(those that train a model): a fast inner loop, not what CI runs. Tests run offline: they build a tiny
+DINOv2 from a config and write tiny toy datasets with lerobot itself (sim.py), then load both through
+the same code paths a hub id would take.
+
+Contents (sections, in file order):
+  shared fixtures  tiny DINOv2, toy datasets, short training runs the later sections read
+  sim        the toy world: rendering, actions, LeRobot datasets, the closed-loop benchmark's goals
+  data       delta-EE maths, clips, the 95/5 mixer, streaming, bad datasets
+  encoder    frozen DINOv2 tokens, pooling, token statistics, the feature cache
+  dynamics   attention kernels, block causality, KV cache, actions, the action Jacobian, presets
+  shortcut   the flow and bootstrap identities, loss weights, labelled queries, sampler, rollout
+  train      checkpoints, resume (Ctrl-C and kill -9), NaN stop, bad input, torchrun
+  plan       CEM on known models, batched rollouts, the oracle, planning beats random, the CLI
+  decode     shapes, perceptual loss, pictures, training and resume, bad input
+  eval       error measures, the report, the action response, ablations
+  bench      every figure measured and rendered
+"""
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 
 # Offline and reproducible before anything imports huggingface or torch.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -15,11 +34,32 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np
 import pytest
 import torch
+from lerobot.datasets.lerobot_dataset import LeRobotDataset
+from PIL import Image
+from transformers import (AutoModel, Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig,
+                          Dinov2WithRegistersModel)
+
+import ablations as ablations_module
+import bench
+import cem
+import checkpoint as checkpoint_module
+import data as data_module
+import decode as decode_module
+import dynamics
+import encoder as encoder_module
+import eval as eval_module
+import plan as plan_module
+import shortcut
+import sim
+import train as train_module
+from dynamics import DynamicsConfig, DynamicsModel
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 HERE = os.path.dirname(os.path.abspath(__file__))
+SLOW = pytest.mark.slow  # trains a model: skipped by `python test_all.py --quick`
+UNFORMATTED = re.compile(r"\{[A-Za-z_][^{}\s]*\}")  # a placeholder an f-string forgot: {name}, {x['y']}
 
-# ==== fixtures ====
+# ==== shared fixtures ====
 # Written once per test session with lerobot itself, loaded through the same code path as a hub id.
 
 
@@ -27,62 +67,108 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def tiny_dinov2_dir(tmp_path_factory):
     """A smaller tiny DINOv2 than the demo's (8 px patches, width 64: an 8x8 grid): cheap for the data,
     encoder and training-mechanics tests, which do not depend on what the tokens show."""
-    import encoder
-    return encoder.make_tiny_dinov2(str(tmp_path_factory.mktemp("dinov2") / "tiny"), patch_size=8, hidden_size=64)
+    return encoder_module.make_tiny_dinov2(str(tmp_path_factory.mktemp("dinov2") / "tiny"), patch_size=8,
+                                           hidden_size=64)
 
 
 @pytest.fixture(scope="session")
 def toy_labeled_root(tmp_path_factory):
     """Toy episodes stored as AV1 video, as DROID stores them: the data tests exercise the video path."""
-    import sim
     return sim.write_toy_dataset(str(tmp_path_factory.mktemp("toy") / "labeled"), episodes=5, steps_per_episode=20,
                                  seed=1, video=True)
 
 
 @pytest.fixture(scope="session")
 def toy_unlabeled_root(tmp_path_factory):
-    import sim
     return sim.write_toy_dataset(str(tmp_path_factory.mktemp("toy") / "unlabeled"), episodes=6,
                                  steps_per_episode=20, seed=2, video=True)
 
 
+def _train_argv(labeled, unlabeled, encoder_dir, out, steps=6, *extra):
+    return ["--labeled", str(labeled), "--unlabeled", str(unlabeled), "--encoder", str(encoder_dir),
+            "--pool", "2", "--preset", "tiny", "--steps", str(steps), "--batch-size", "4",
+            "--clip-length", "4", "--warmup", "2", "--save-every", "2", "--log-every", "1",
+            "--val-every", "3", "--val-batches", "1", "--stats-batches", "2", "--labeled-fraction", "0.5",
+            "--toy", "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="session")
+def toy_train_run(tmp_path_factory, toy_labeled_root, toy_unlabeled_root, tiny_dinov2_dir):
+    """One uninterrupted short run that the other train tests compare against."""
+    out = tmp_path_factory.mktemp("train_reference")
+    argv = _train_argv(toy_labeled_root, toy_unlabeled_root, tiny_dinov2_dir, out)
+    assert train_module.main(argv) == 0
+    return argv, out
+
+
+@pytest.fixture(scope="session")
+def toy_planning_run(tmp_path_factory):
+    """The demo's recipe (toy defaults: 5 % labelled, demo encoder, PNG frames), trained briefly on a
+    smaller action-free corpus than the demo's: 8 labelled + PLANNING_EPISODES action-free episodes."""
+    folder = tmp_path_factory.mktemp("planning")
+    labeled = sim.write_toy_dataset(str(folder / "labeled"), **sim.TOY_LABELED_SIZE)
+    unlabeled = sim.write_toy_dataset(str(folder / "unlabeled"), episodes=PLANNING_EPISODES, steps_per_episode=40,
+                                      seed=2)
+    assert train_module.main(["--toy", "--labeled", labeled, "--unlabeled", unlabeled,
+                              "--encoder", encoder_module.make_tiny_dinov2(str(folder / "dinov2")),
+                              "--steps", str(PLANNING_STEPS), "--val-every", "0", "--save-every", str(PLANNING_STEPS),
+                              "--out", str(folder / "run")]) == 0
+    return str(folder / "run" / "checkpoint.pt")
+
+
+PLANNING_EPISODES, PLANNING_STEPS = 40, 700
+
+
+def _decode_argv(toy_labeled_root, toy_unlabeled_root, tiny_dinov2_dir, out, steps, *extra):
+    return ["--train", "--dataset", str(toy_labeled_root), str(toy_unlabeled_root), "--encoder", str(tiny_dinov2_dir),
+            "--pool", "2", "--steps", str(steps), "--batch-size", "16", "--warmup", "5", "--val-every", "50",
+            "--save-every", "10", "--val-frames", "40", "--stats-batches", "2", "--val-fraction", "0.25",
+            "--perceptual", "0", "--out", str(out), *extra]  # perceptual term: its own test, below
+
+
+@pytest.fixture(scope="session")
+def toy_decoder_run(tmp_path_factory, toy_labeled_root, toy_unlabeled_root, tiny_dinov2_dir):
+    """One short decoder training run on the toy world that the other decode tests read."""
+    out = tmp_path_factory.mktemp("decoder")
+    argv = _decode_argv(toy_labeled_root, toy_unlabeled_root, tiny_dinov2_dir, out, 150)
+    assert decode_module.main(argv) == 0
+    return argv, out
+
+
 # ==== sim ====
-import sim as sim_module
-import data as data_module
 
 
 def test_sim_every_dimension_changes_the_picture_deterministically():
-    centre = (sim_module.WORKSPACE_LOW + sim_module.WORKSPACE_HIGH) / 2
-    base = sim_module.render(centre)
+    centre = (sim.WORKSPACE_LOW + sim.WORKSPACE_HIGH) / 2
+    base = sim.render(centre)
     assert base.shape == (64, 64, 3) and base.dtype == np.uint8
-    assert np.array_equal(base, sim_module.render(centre.copy()))  # deterministic
+    assert np.array_equal(base, sim.render(centre.copy()))  # deterministic
     for dimension in range(7):
         pose = centre.copy()
-        pose[dimension] += 0.3 * (sim_module.WORKSPACE_HIGH[dimension] - centre[dimension])
-        changed = np.abs(sim_module.render(pose).astype(int) - base).sum(-1) > 30
+        pose[dimension] += 0.3 * (sim.WORKSPACE_HIGH[dimension] - centre[dimension])
+        changed = np.abs(sim.render(pose).astype(int) - base).sum(-1) > 30
         assert changed.sum() >= 20, f"dimension {dimension} barely changes the image"
-    background = sim_module.render_batch(np.stack([centre, centre]))[0]
+    background = sim.render_batch(np.stack([centre, centre]))[0]
     assert np.array_equal(background, base) and base.std() > 10  # textured, and batch == single
 
 
 def test_sim_step_round_trips_through_delta_ee_and_clips_to_workspace():
     rng = np.random.default_rng(0)
-    pose = sim_module.random_pose(rng)
-    for action in sim_module.smooth_actions(rng, 30):
-        new_pose = sim_module.step(pose, action)
-        inside = np.all((new_pose > sim_module.WORKSPACE_LOW + 1e-9) & (new_pose < sim_module.WORKSPACE_HIGH - 1e-9))
+    pose = sim.random_pose(rng)
+    for action in sim.smooth_actions(rng, 30):
+        new_pose = sim.step(pose, action)
+        inside = np.all((new_pose > sim.WORKSPACE_LOW + 1e-9) & (new_pose < sim.WORKSPACE_HIGH - 1e-9))
         if inside:
             assert np.allclose(data_module.delta_ee(pose, new_pose), action, atol=1e-9)
         pose = new_pose
-    far = sim_module.step(pose, np.array([1.0, -1.0, 1.0, 0, 0, 0, 5.0]))
-    assert np.all(far >= sim_module.WORKSPACE_LOW) and np.all(far <= sim_module.WORKSPACE_HIGH)
-    assert sim_module.pose_error(far, far) == (0.0, 0.0, 0.0)
+    far = sim.step(pose, np.array([1.0, -1.0, 1.0, 0, 0, 0, 5.0]))
+    assert np.all(far >= sim.WORKSPACE_LOW) and np.all(far <= sim.WORKSPACE_HIGH)
+    assert sim.pose_error(far, far) == (0.0, 0.0, 0.0)
 
 
 def test_sim_writes_real_lerobot_datasets_with_droid_keys(toy_labeled_root, toy_unlabeled_root):
-    from lerobot.datasets.lerobot_dataset import LeRobotDataset
     dataset = LeRobotDataset("local/labeled", root=toy_labeled_root)
-    assert dataset.meta.total_episodes == 5 and dataset.meta.fps == sim_module.FPS
+    assert dataset.meta.total_episodes == 5 and dataset.meta.fps == sim.FPS
     for key in ("observation.images.exterior_1_left", "observation.state.cartesian_position",
                 "observation.state.gripper_position", "action"):
         assert key in dataset.meta.features
@@ -101,38 +187,37 @@ def test_sim_writes_real_lerobot_datasets_with_droid_keys(toy_labeled_root, toy_
 
 
 def test_sim_cli_strip_and_refuses_existing_out(tmp_path, toy_labeled_root):
-    assert sim_module.main(["--strip", str(tmp_path / "strip.png")]) == 0
-    from PIL import Image
+    assert sim.main(["--strip", str(tmp_path / "strip.png")]) == 0
     assert Image.open(tmp_path / "strip.png").size == (8 * 64, 64)  # start pose + one per dimension
     with pytest.raises(SystemExit, match="error: .* already exists"):
-        sim_module.main(["--out", toy_labeled_root])
+        sim.main(["--out", toy_labeled_root])
 
 
 def test_sim_recorded_frames_show_the_recorded_pose(toy_labeled_root):
     """The video frames decode back (AV1, lossy) to the render of the state stored beside them."""
     clips = data_module.ClipDataset(toy_labeled_root, "labeled", clip_length=1, image_size=64)
     for k in (0, 37, len(clips) - 1):
-        rendered = torch.from_numpy(sim_module.render(clips.states[clips.starts[k]])).permute(2, 0, 1) / 255
+        rendered = torch.from_numpy(sim.render(clips.states[clips.starts[k]])).permute(2, 0, 1) / 255
         assert (clips[k]["frames"][0] - rendered).abs().mean() < 0.03
 
 
 def test_sim_demo_datasets_are_lossless_and_rewritten_when_their_settings_change(tmp_path, monkeypatch):
     """The demo's frames are PNG: they load back exactly as rendered. ensure_toy_datasets writes them
     once and again only when toy_spec.json says they were made with other settings."""
-    monkeypatch.setattr(sim_module, "TOY_LABELED_DIR", str(tmp_path / "labeled"))
-    monkeypatch.setattr(sim_module, "TOY_UNLABELED_DIR", str(tmp_path / "unlabeled"))
-    monkeypatch.setattr(sim_module, "TOY_LABELED_SIZE", dict(episodes=1, steps_per_episode=6, seed=1))
-    monkeypatch.setattr(sim_module, "TOY_UNLABELED_SIZE", dict(episodes=2, steps_per_episode=6, seed=2))
-    labeled, unlabeled = sim_module.ensure_toy_datasets()
+    monkeypatch.setattr(sim, "TOY_LABELED_DIR", str(tmp_path / "labeled"))
+    monkeypatch.setattr(sim, "TOY_UNLABELED_DIR", str(tmp_path / "unlabeled"))
+    monkeypatch.setattr(sim, "TOY_LABELED_SIZE", dict(episodes=1, steps_per_episode=6, seed=1))
+    monkeypatch.setattr(sim, "TOY_UNLABELED_SIZE", dict(episodes=2, steps_per_episode=6, seed=2))
+    labeled, unlabeled = sim.ensure_toy_datasets()
     clips = data_module.ClipDataset(labeled, "labeled", clip_length=1, image_size=64)
     for k in range(len(clips)):
-        rendered = torch.from_numpy(sim_module.render(clips.states[clips.starts[k]])).permute(2, 0, 1) / 255
+        rendered = torch.from_numpy(sim.render(clips.states[clips.starts[k]])).permute(2, 0, 1) / 255
         torch.testing.assert_close(clips[k]["frames"][0], rendered, atol=1e-6, rtol=0)
     stamp = os.path.getmtime(os.path.join(unlabeled, "toy_spec.json"))
-    assert sim_module.ensure_toy_datasets() == (labeled, unlabeled)
+    assert sim.ensure_toy_datasets() == (labeled, unlabeled)
     assert os.path.getmtime(os.path.join(unlabeled, "toy_spec.json")) == stamp  # same settings: kept
-    monkeypatch.setattr(sim_module, "TOY_UNLABELED_SIZE", dict(episodes=3, steps_per_episode=6, seed=2))
-    sim_module.ensure_toy_datasets()
+    monkeypatch.setattr(sim, "TOY_UNLABELED_SIZE", dict(episodes=3, steps_per_episode=6, seed=2))
+    sim.ensure_toy_datasets()
     assert data_module.load_metadata(unlabeled)[-1].total_episodes == 3  # other settings: written again
 
 
@@ -220,15 +305,14 @@ def test_data_mixer_fraction_masks_and_determinism(toy_labeled_root, toy_unlabel
 
 
 def _write_dataset_with_nan_state(root):
-    from lerobot.datasets.lerobot_dataset import LeRobotDataset
-    features = {sim_module.CAMERA_KEY: {"dtype": "video", "shape": (64, 64, 3), "names": ["height", "width", "channels"]},
-                sim_module.POSITION_KEY: {"dtype": "float32", "shape": (6,), "names": None},
-                sim_module.GRIPPER_KEY: {"dtype": "float32", "shape": (1,), "names": None}}
+    features = {sim.CAMERA_KEY: {"dtype": "video", "shape": (64, 64, 3), "names": ["height", "width", "channels"]},
+                sim.POSITION_KEY: {"dtype": "float32", "shape": (6,), "names": None},
+                sim.GRIPPER_KEY: {"dtype": "float32", "shape": (1,), "names": None}}
     dataset = LeRobotDataset.create("local/nan", 15, features, root=root)
     for t in range(6):
         position = np.full(6, np.nan if t == 4 else 0.0, dtype=np.float32)
-        dataset.add_frame({sim_module.CAMERA_KEY: np.zeros((64, 64, 3), np.uint8), sim_module.POSITION_KEY: position,
-                           sim_module.GRIPPER_KEY: np.zeros(1, np.float32), "task": "t"})
+        dataset.add_frame({sim.CAMERA_KEY: np.zeros((64, 64, 3), np.uint8), sim.POSITION_KEY: position,
+                           sim.GRIPPER_KEY: np.zeros(1, np.float32), "task": "t"})
     dataset.save_episode()
     dataset.finalize()
     return root
@@ -305,17 +389,16 @@ def test_data_falls_back_to_pyav_without_torchcodec(toy_labeled_root, monkeypatc
 
 def _write_multi_file_dataset(root):
     """Camera-only dataset whose episodes each land in their own video file, as DROID's do."""
-    from lerobot.datasets.lerobot_dataset import LeRobotDataset
-    features = {sim_module.CAMERA_KEY: {"dtype": "video", "shape": (64, 64, 3), "names": ["height", "width", "channels"]}}
-    dataset = LeRobotDataset.create("local/multi", sim_module.FPS, features, root=root)
+    features = {sim.CAMERA_KEY: {"dtype": "video", "shape": (64, 64, 3), "names": ["height", "width", "channels"]}}
+    dataset = LeRobotDataset.create("local/multi", sim.FPS, features, root=root)
     dataset.meta.info["video_files_size_in_mb"] = 0.001  # roll over to a new file after every episode
     rng = np.random.default_rng(0)
     for _ in range(3):
-        poses = [sim_module.random_pose(rng)]
-        for action in sim_module.smooth_actions(rng, 9):
-            poses.append(sim_module.step(poses[-1], action))
-        for image in sim_module.render_batch(np.stack(poses)):
-            dataset.add_frame({sim_module.CAMERA_KEY: image, "task": "t"})
+        poses = [sim.random_pose(rng)]
+        for action in sim.smooth_actions(rng, 9):
+            poses.append(sim.step(poses[-1], action))
+        for image in sim.render_batch(np.stack(poses)):
+            dataset.add_frame({sim.CAMERA_KEY: image, "task": "t"})
         dataset.save_episode()
     dataset.finalize()
     return root
@@ -340,11 +423,9 @@ def test_data_streaming_clips_equal_random_access_clips(which, toy_labeled_root,
 
 
 # ==== encoder ====
-import encoder as encoder_module
 
 
 def test_encoder_frozen_patch_tokens_normalised_and_pooled(tiny_dinov2_dir):
-    from transformers import AutoModel
     encoder = encoder_module.Encoder(tiny_dinov2_dir, pool=2)
     assert (encoder.num_tokens, encoder.token_dim, encoder.grid, encoder.image_size) == (16, 64, (4, 4), 64)
     assert all(not parameter.requires_grad for parameter in encoder.parameters())
@@ -367,7 +448,6 @@ def test_encoder_frozen_patch_tokens_normalised_and_pooled(tiny_dinov2_dir):
 
 
 def test_encoder_without_registers_and_bad_names(tmp_path):
-    from transformers import Dinov2Config, Dinov2Model
     Dinov2Model(Dinov2Config(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                              intermediate_size=64)).save_pretrained(tmp_path / "plain")
     encoder = encoder_module.Encoder(str(tmp_path / "plain"))
@@ -380,7 +460,7 @@ def test_encoder_without_registers_and_bad_names(tmp_path):
 
 def test_encoder_token_stats_and_feature_cache(tiny_dinov2_dir, toy_labeled_root, tmp_path):
     batches = [torch.randn(4, 16, 64) * 3 + 1 for _ in range(3)]
-    stats = encoder_module.compute_token_stats(iter(batches), max_batches=2)
+    stats = encoder_module.TokenStats.from_batches(iter(batches), max_batches=2)
     flat = torch.cat(batches[:2]).reshape(-1, 64)
     assert torch.allclose(stats.mean, flat.mean(0), atol=1e-4)
     assert torch.allclose(stats.std, flat.std(0, unbiased=False), atol=1e-4)
@@ -405,7 +485,6 @@ def test_encoder_token_stats_and_feature_cache(tiny_dinov2_dir, toy_labeled_root
 
 
 def test_encoder_real_dinov2_sizes_default_to_224(tmp_path):
-    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
     config = Dinov2WithRegistersConfig(image_size=518, patch_size=14, hidden_size=32, num_hidden_layers=1,
                                        num_attention_heads=2, intermediate_size=64)  # as the released checkpoints
     Dinov2WithRegistersModel(config).save_pretrained(tmp_path / "s")
@@ -426,8 +505,6 @@ def test_encoder_cache_cli_never_replaces_a_folder_that_is_not_a_cache(tiny_dino
 
 # ==== dynamics ====
 
-import dynamics
-from dynamics import DynamicsConfig, DynamicsModel
 
 # Eager flex_attention computes the same maths as the compiled kernel (from the same score_mod),
 # without the compile wait: tests swap `dynamics.compiled` for the identity to use it.
@@ -597,7 +674,6 @@ def test_dynamics_presets_shapes_and_config_errors(capsys, monkeypatch):
 
 # ==== shortcut ====
 
-import shortcut
 
 
 class ConstantDataModel(torch.nn.Module):
@@ -801,6 +877,7 @@ def two_mode_sequences(batch, frames, generator, direction, pattern):
     return mean + sign[..., None, None] * pattern, actions, mean
 
 
+@SLOW
 def test_shortcut_learns_tiny_sequence_task():
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
@@ -828,42 +905,29 @@ def test_shortcut_learns_tiny_sequence_task():
     assert error_to_nearest_mode(4) < 0.75 * error_to_nearest_mode(1)
 
 # ==== train ====
-import train as train_module
-
-
-def _train_argv(labeled, unlabeled, encoder_dir, out, steps=6, *extra):
-    return ["--labeled", str(labeled), "--unlabeled", str(unlabeled), "--encoder", str(encoder_dir),
-            "--pool", "2", "--preset", "tiny", "--steps", str(steps), "--batch-size", "4",
-            "--clip-length", "4", "--warmup", "2", "--save-every", "2", "--log-every", "1",
-            "--val-every", "3", "--val-batches", "1", "--stats-batches", "2", "--labeled-fraction", "0.5",
-            "--toy", "--out", str(out), *extra]
 
 
 def _weights(checkpoint_path):
-    return train_module.load_safely(str(checkpoint_path))["model"]
+    return checkpoint_module.load_safely(str(checkpoint_path))["model"]
+
+
+def _elsewhere(argv, reference, out):
+    """The reference run's arguments with its output folder replaced by `out`."""
+    return [value if value != str(reference) else str(out) for value in argv]
 
 
 def _same_weights(first, second):
     return first.keys() == second.keys() and all(torch.equal(first[key], second[key]) for key in first)
 
 
-@pytest.fixture(scope="session")
-def toy_train_run(tmp_path_factory, toy_labeled_root, toy_unlabeled_root, tiny_dinov2_dir):
-    """One uninterrupted short run that the other train tests compare against."""
-    out = tmp_path_factory.mktemp("train_reference")
-    argv = _train_argv(toy_labeled_root, toy_unlabeled_root, tiny_dinov2_dir, out)
-    assert train_module.main(argv) == 0
-    return argv, out
-
-
+@SLOW
 def test_train_short_run_writes_checkpoint_log_and_loads(toy_train_run):
-    import json
     argv, out = toy_train_run
     records = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [record["step"] for record in records] == [1, 2, 3, 4, 5, 6]
     assert all(np.isfinite(record["loss"]) and record["frames_per_s"] > 0 for record in records)
     assert "val_loss" in records[2] and "val_loss" in records[5]
-    model, checkpoint = train_module.load_world_model(str(out / "checkpoint.pt"))
+    model, checkpoint = checkpoint_module.load_world_model(str(out / "checkpoint.pt"))
     assert checkpoint["step"] == 6 and checkpoint["encoder"]["pool"] == 2
     assert checkpoint["action_stats"]["std"].shape == (7,)
     assert not model.training
@@ -890,8 +954,8 @@ def test_train_warmup_longer_than_the_run_is_clamped_with_a_note(capsys):
     assert decode_module.parse_arguments(["--train", "--steps", "50", "--warmup", "100"]).warmup == 5
 
 
+@SLOW
 def test_train_sigint_then_resume_matches_uninterrupted(toy_train_run, tmp_path, monkeypatch):
-    import json
     argv, reference = toy_train_run
     out = tmp_path / "interrupted"
     original_loss = train_module.shortcut_forcing_loss
@@ -904,9 +968,9 @@ def test_train_sigint_then_resume_matches_uninterrupted(toy_train_run, tmp_path,
         return original_loss(*args, **kwargs)
 
     monkeypatch.setattr(train_module, "shortcut_forcing_loss", loss_then_ctrl_c)
-    interrupted_argv = [value if value != str(reference) else str(out) for value in argv]
+    interrupted_argv = _elsewhere(argv, reference, out)
     assert train_module.main(interrupted_argv) == 130
-    assert train_module.load_safely(str(out / "checkpoint.pt"))["step"] == 3
+    assert checkpoint_module.load_safely(str(out / "checkpoint.pt"))["step"] == 3
     monkeypatch.setattr(train_module, "shortcut_forcing_loss", original_loss)
     assert train_module.main(interrupted_argv + ["--resume", str(out / "checkpoint.pt")]) == 0
     assert _same_weights(_weights(out / "checkpoint.pt"), _weights(reference / "checkpoint.pt"))
@@ -916,11 +980,11 @@ def test_train_sigint_then_resume_matches_uninterrupted(toy_train_run, tmp_path,
     assert logged_steps() == [1, 2, 3, 4, 5, 6]  # a fresh run starts a new log
 
 
+@SLOW
 def test_train_hard_kill_then_resume_matches_uninterrupted(toy_train_run, tmp_path):
-    import time
     argv, reference = toy_train_run
     out = tmp_path / "killed"
-    killed_argv = [value if value != str(reference) else str(out) for value in argv]
+    killed_argv = _elsewhere(argv, reference, out)
     command = [sys.executable, os.path.join(HERE, "train.py"), *killed_argv]
     process = subprocess.Popen(command, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -928,7 +992,7 @@ def test_train_hard_kill_then_resume_matches_uninterrupted(toy_train_run, tmp_pa
         time.sleep(0.05)
     process.kill()  # SIGKILL: no handler runs, whatever step it was in
     process.wait()
-    step = train_module.load_safely(str(out / "checkpoint.pt"))["step"]
+    step = checkpoint_module.load_safely(str(out / "checkpoint.pt"))["step"]
     assert 2 <= step <= 6
     result = subprocess.run(command + ["--resume", str(out / "checkpoint.pt")], cwd=HERE,
                             capture_output=True, text=True)
@@ -936,6 +1000,7 @@ def test_train_hard_kill_then_resume_matches_uninterrupted(toy_train_run, tmp_pa
     assert _same_weights(_weights(out / "checkpoint.pt"), _weights(reference / "checkpoint.pt"))
 
 
+@SLOW
 def test_train_nan_loss_stops_with_step_and_keeps_last_checkpoint(toy_train_run, tmp_path, monkeypatch):
     argv, reference = toy_train_run
     out = tmp_path / "nan"
@@ -948,12 +1013,13 @@ def test_train_nan_loss_stops_with_step_and_keeps_last_checkpoint(toy_train_run,
         return (loss * float("nan") if len(calls) == 5 else loss), parts
 
     monkeypatch.setattr(train_module, "shortcut_forcing_loss", loss_that_explodes)
-    nan_argv = [value if value != str(reference) else str(out) for value in argv]
+    nan_argv = _elsewhere(argv, reference, out)
     with pytest.raises(SystemExit, match="at step 4"):
         train_module.main(nan_argv + ["--val-every", "0"])
-    assert train_module.load_safely(str(out / "checkpoint.pt"))["step"] == 4
+    assert checkpoint_module.load_safely(str(out / "checkpoint.pt"))["step"] == 4
 
 
+@SLOW
 def test_train_bad_input_fails_with_one_clear_line(toy_train_run, tmp_path):
     argv, reference = toy_train_run
     checkpoint = reference / "checkpoint.pt"
@@ -965,7 +1031,7 @@ def test_train_bad_input_fails_with_one_clear_line(toy_train_run, tmp_path):
         return result.returncode, result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
 
     def with_out(out, *extra):
-        return [value if value != str(reference) else str(out) for value in argv] + list(extra)
+        return _elsewhere(argv, reference, out) + list(extra)
 
     code, line = run(with_out(reference))  # would overwrite an existing run
     assert code != 0 and "already exists" in line
@@ -996,6 +1062,7 @@ def test_train_bad_input_fails_with_one_clear_line(toy_train_run, tmp_path):
     assert checkpoint.read_bytes() == before  # nothing overwritten
 
 
+@SLOW
 def test_train_torchrun_two_cpu_processes(toy_labeled_root, toy_unlabeled_root, tiny_dinov2_dir, tmp_path):
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -1005,13 +1072,12 @@ def test_train_torchrun_two_cpu_processes(toy_labeled_root, toy_unlabeled_root, 
     environment = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(command, cwd=HERE, capture_output=True, text=True, timeout=600, env=environment)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert train_module.load_safely(str(out / "checkpoint.pt"))["step"] == 3
+    assert checkpoint_module.load_safely(str(out / "checkpoint.pt"))["step"] == 3
     assert sum(1 for _ in open(out / "log.jsonl")) == 3  # only rank 0 writes
 
 
 # ==== plan ====
 
-import plan as plan_module
 
 
 class _Shift:
@@ -1030,21 +1096,21 @@ class _Shift:
 def test_plan_cem_solves_a_known_model_in_bounds_batched_and_seeded():
     model, goal = _Shift(), torch.tensor([4.0, -3.0, 2.0, 3.0, -4.0, 1.0, 2.0])  # 5 steps of <= 3 std away
     options = dict(horizon=5, samples=100, top_k=10, iterations=10, max_translation=0.02)
-    result = plan_module.CEMPlanner(model, **options).plan(torch.zeros(7), goal)
+    result = cem.CEMPlanner(model, **options).plan(torch.zeros(7), goal)
     assert model.batches == [100] * 10 + [1]  # one batched imagine per iteration (+ the returned plan)
     assert result["iteration_costs"][-1] < result["iteration_costs"][0] / 20
     assert (result["normalised"].sum(0) - goal).abs().max() < 0.3  # within 0.3 training std, every dimension
     assert np.all(np.linalg.norm(result["actions"][:, :3], axis=1) <= 0.02 + 1e-6)  # robot-unit bound
     assert result["normalised"].abs().max() <= 3 + 1e-5  # normalised bound: 3 training std
-    again = plan_module.CEMPlanner(_Shift(), **options).plan(torch.zeros(7), goal)
+    again = cem.CEMPlanner(_Shift(), **options).plan(torch.zeros(7), goal)
     assert np.array_equal(again["actions"], result["actions"])  # deterministic under the seed
-    far = plan_module.CEMPlanner(_Shift(), **options).plan(torch.zeros(7), torch.tensor([100.0, 0, 0, 0, 0, 0, 0]))
+    far = cem.CEMPlanner(_Shift(), **options).plan(torch.zeros(7), torch.tensor([100.0, 0, 0, 0, 0, 0, 0]))
     assert np.linalg.norm(far["actions"][:, :3], axis=1).max() <= 0.02 + 1e-6  # out of reach: pushes x ...
     assert far["actions"][:, 0].sum() > 0.09  # ... nearly as far as 5 bounded steps go (0.1 m)
 
 
 def test_plan_mpc_executes_first_actions_and_warm_starts_shifted():
-    planner = plan_module.CEMPlanner(_Shift(), horizon=4, samples=50, top_k=5, iterations=3, replan_every=2)
+    planner = cem.CEMPlanner(_Shift(), horizon=4, samples=50, top_k=5, iterations=3, replan_every=2)
     actions, result = planner.act(torch.zeros(7), torch.full((7,), 2.0))
     assert actions.shape == (2, 7) and np.array_equal(actions, result["actions"][:2])
     assert torch.equal(planner.previous[:2], result["normalised"][2:]) and not planner.previous[2:].any()
@@ -1055,69 +1121,51 @@ def test_plan_mpc_executes_first_actions_and_warm_starts_shifted():
     assert planner.previous is None
 
 
-def test_plan_world_model_rollout_is_one_call_per_iteration_and_nan_is_refused(monkeypatch):
+def test_plan_learned_model_rollout_is_one_call_per_iteration_and_nan_is_refused(monkeypatch):
     config = small_dynamics_config()
     stats = data_module.ActionStats(torch.zeros(7), torch.ones(7))
-    world_model = plan_module.WorldModel(seeded_model(config), None, None, stats, K=2)
+    world_model = cem.LearnedModel(seeded_model(config), None, None, stats, K=2)
     calls = []
-    original = plan_module.rollout
+    original = cem.rollout
 
     def counted(model, context, actions, **kwargs):
         calls.append((context.shape, actions.shape))
         return original(model, context, actions, **kwargs)
 
-    monkeypatch.setattr(plan_module, "rollout", counted)
+    monkeypatch.setattr(cem, "rollout", counted)
     context = (torch.randn(2, config.num_tokens, config.token_dim), torch.zeros(2, 7))
     goal = torch.randn(config.num_tokens, config.token_dim)
-    planner = plan_module.CEMPlanner(world_model, horizon=3, samples=16, top_k=4, iterations=2)
+    planner = cem.CEMPlanner(world_model, horizon=3, samples=16, top_k=4, iterations=2)
     first = planner.plan(context, goal)
     assert [shape for shape in calls] == [((1, 2, 4, 8), (16, 3, 7))] * 2 + [((1, 2, 4, 8), (1, 3, 7))]  # context once
     assert first["imagined"].shape == (3, config.num_tokens, config.token_dim)
     planner.reset()
     assert np.array_equal(planner.plan(context, goal)["actions"], first["actions"])  # rollout noise seeded too
-    monkeypatch.setattr(plan_module, "rollout", lambda *args, **kwargs: torch.full((16, 3, 4, 8), float("nan")))
-    with pytest.raises(plan_module.PlanningError, match="NaN"):
+    monkeypatch.setattr(cem, "rollout", lambda *args, **kwargs: torch.full((16, 3, 4, 8), float("nan")))
+    with pytest.raises(cem.PlanningError, match="NaN"):
         planner.plan(context, goal)
 
 
 
 def test_plan_oracle_reaches_toy_goals_almost_always():
     """The simulator as the model (its poses as the features): a failure here is the planner's."""
-    import sim
     stats = data_module.ActionStats(torch.zeros(7), torch.tensor(sim.ACTION_SCALE, dtype=torch.float32))
-    planner = plan_module.CEMPlanner(plan_module.SimOracle(None, None, stats, space="pose"),
-                                     **plan_module.PLANNER_SIZES["toy"][0])
-    pairs = plan_module.make_pairs(20, seed=0)
-    planned = plan_module.evaluate_closed_loop(planner, pairs)
-    random = plan_module.evaluate_closed_loop(plan_module.RandomPolicy(planner), pairs)
+    planner = cem.CEMPlanner(cem.SimOracle(None, None, stats, space="pose"),
+                                     **cem.PLANNER_SIZES["toy"][0])
+    pairs = sim.make_pairs(20, seed=0)
+    planned = sim.evaluate_closed_loop(cem.MPCPolicy(planner), pairs)
+    random = sim.evaluate_closed_loop(cem.RandomPolicy(planner), pairs)
     assert planned["success_rate"] >= 0.9, planned["success_rate"]
     assert random["success_rate"] <= 0.2 and planned["final_position_error"] < random["final_position_error"] / 3
 
 
-@pytest.fixture(scope="session")
-def toy_planning_run(tmp_path_factory):
-    """The demo's recipe (toy defaults: 5 % labelled, demo encoder, PNG frames), trained briefly on a
-    smaller action-free corpus than the demo's: 8 labelled + PLANNING_EPISODES action-free episodes."""
-    import encoder
-    import sim
-    folder = tmp_path_factory.mktemp("planning")
-    labeled = sim.write_toy_dataset(str(folder / "labeled"), **sim.TOY_LABELED_SIZE)
-    unlabeled = sim.write_toy_dataset(str(folder / "unlabeled"), episodes=PLANNING_EPISODES, steps_per_episode=40,
-                                      seed=2)
-    assert train_module.main(["--toy", "--labeled", labeled, "--unlabeled", unlabeled,
-                              "--encoder", encoder.make_tiny_dinov2(str(folder / "dinov2")),
-                              "--steps", str(PLANNING_STEPS), "--val-every", "0", "--save-every", str(PLANNING_STEPS),
-                              "--out", str(folder / "run")]) == 0
-    return str(folder / "run" / "checkpoint.pt")
 
 
-PLANNING_EPISODES, PLANNING_STEPS = 40, 700
-
-
+@SLOW
 def test_plan_trained_model_beats_random_on_toy_poses(toy_planning_run):
     """The learned 95/5 model in the loop on full 6-DoF goal poses, against random actions on the same
     pairs, with the fast planner (CEM 32 x 2 x 3 at K = 1)."""
-    report = plan_module.closed_loop_report(toy_planning_run, pairs=8, size="fast", task="pose")
+    report = eval_module.closed_loop_report(cem.LearnedModel.load(toy_planning_run), pairs=8, size="fast", task="pose")
     planned, random = report["planner"], report["random"]
     print(f"pose: CEM {planned['success_rate']:.0%} vs random {random['success_rate']:.0%}; position error "
           f"{planned['final_position_error']:.3f} vs {random['final_position_error']:.3f} m; {report['seconds']:.0f} s")
@@ -1127,8 +1175,7 @@ def test_plan_trained_model_beats_random_on_toy_poses(toy_planning_run):
 
 def _goal_images(folder):
     """The demo's goal images (goal_0.png + goals.json) and an RGBA, a grayscale and a non-image file."""
-    from PIL import Image
-    goals = plan_module.write_goal_images(str(folder), n=1, seed=0)
+    goals = sim.write_goal_images(str(folder), n=1, seed=0)
     goal = os.path.join(goals, "goal_0.png")
     Image.open(goal).convert("RGBA").resize((96, 80)).save(folder / "rgba.png")
     Image.open(goal).convert("L").save(folder / "gray.png")
@@ -1136,8 +1183,8 @@ def _goal_images(folder):
     return goal
 
 
+@SLOW
 def test_plan_cli_one_plan_from_files_and_toy_loop(toy_train_run, tmp_path, capsys):
-    import json
     _, run = toy_train_run
     goal = _goal_images(tmp_path)
     small = ["--checkpoint", str(run / "checkpoint.pt"), "--samples", "8", "--top-k", "2", "--iterations", "1",
@@ -1158,6 +1205,7 @@ def test_plan_cli_one_plan_from_files_and_toy_loop(toy_train_run, tmp_path, caps
     assert os.path.isfile(tmp_path / "loop.png")
 
 
+@SLOW
 def test_plan_cli_bad_input_one_line_and_nonzero(toy_train_run, tmp_path):
     _, run = toy_train_run
     goal = _goal_images(tmp_path)
@@ -1179,29 +1227,11 @@ def test_plan_cli_bad_input_one_line_and_nonzero(toy_train_run, tmp_path):
     assert result.returncode != 0 and "--obs is required" in result.stderr.strip().splitlines()[-1]
 
 # ==== decode ====
-import decode as decode_module
-
-
-def _decode_argv(toy_labeled_root, toy_unlabeled_root, tiny_dinov2_dir, out, steps, *extra):
-    return ["--train", "--dataset", str(toy_labeled_root), str(toy_unlabeled_root), "--encoder", str(tiny_dinov2_dir),
-            "--pool", "2", "--steps", str(steps), "--batch-size", "16", "--warmup", "5", "--val-every", "50",
-            "--save-every", "10", "--val-frames", "40", "--stats-batches", "2", "--val-fraction", "0.25",
-            "--perceptual", "0", "--out", str(out), *extra]  # perceptual term: its own test, below
-
-
-@pytest.fixture(scope="session")
-def toy_decoder_run(tmp_path_factory, toy_labeled_root, toy_unlabeled_root, tiny_dinov2_dir):
-    """One short decoder training run on the toy world that the other decode tests read."""
-    out = tmp_path_factory.mktemp("decoder")
-    argv = _decode_argv(toy_labeled_root, toy_unlabeled_root, tiny_dinov2_dir, out, 150)
-    assert decode_module.main(argv) == 0
-    return argv, out
 
 
 def test_decode_shapes_and_renormalisation():
-    from encoder import TokenStats
     torch.manual_seed(0)
-    stats = TokenStats(torch.randn(64), torch.rand(64) + 0.5)
+    stats = encoder_module.TokenStats(torch.randn(64), torch.rand(64) + 0.5)
     decoder = decode_module.Decoder(decode_module.DecoderConfig.preset("tiny"), stats).eval()
     assert torch.allclose(decoder(torch.randn(1, 16, 64)), torch.tensor(0.5), atol=1e-4)  # untrained: the canvas
     torch.nn.init.normal_(decoder.to_pixels.weight, std=0.1)  # as if trained: pictures depend on tokens
@@ -1211,21 +1241,20 @@ def test_decode_shapes_and_renormalisation():
     assert (images[0, 0] - images[0, 1]).abs().max() > 0.05
     assert torch.allclose(images[1, 2], decoder(tokens[1, 2][None])[0], atol=1e-5)
     # Tokens normalised with other (a world model's) statistics decode to the same pictures.
-    other = TokenStats(torch.randn(64), torch.rand(64) + 0.5)
+    other = encoder_module.TokenStats(torch.randn(64), torch.rand(64) + 0.5)
     as_other = other.normalize(stats.denormalize(tokens))
     assert torch.allclose(decoder.decode(as_other, token_stats=other), images, atol=1e-4)
     # DROID size: DINOv2-S at 224 px, 16 x 16 tokens of 384, 14 px per token.
     config = decode_module.DecoderConfig.preset("base", token_dim=384, grid=(16, 16), image_size=224, depth=1)
-    base = decode_module.Decoder(config, TokenStats(torch.zeros(384), torch.ones(384)))
+    base = decode_module.Decoder(config, encoder_module.TokenStats(torch.zeros(384), torch.ones(384)))
     assert base(torch.randn(1, 256, 384)).shape == (1, 3, 224, 224)
 
 
 def test_decode_perceptual_loss_trains_the_decoder_only(tiny_dinov2_dir):
-    from encoder import Encoder, TokenStats
-    frozen = Encoder(tiny_dinov2_dir, pool=2)
+    frozen = encoder_module.Encoder(tiny_dinov2_dir, pool=2)
     frames = torch.rand(4, 3, 64, 64)
     raw = frozen(frames)
-    stats = TokenStats(raw.mean((0, 1)), raw.std((0, 1)))
+    stats = encoder_module.TokenStats(raw.mean((0, 1)), raw.std((0, 1)))
     decoder = decode_module.Decoder(decode_module.DecoderConfig.preset("tiny"), stats)
     torch.nn.init.normal_(decoder.to_pixels.weight, std=0.02)  # zero-initialised: give the image a path back
 
@@ -1241,7 +1270,6 @@ def test_decode_perceptual_loss_trains_the_decoder_only(tiny_dinov2_dir):
 
 
 def test_decode_image_strip_and_gif(tmp_path):
-    from PIL import Image
     truth, decoded = torch.rand(5, 3, 16, 16), torch.rand(3, 3, 16, 16)
     path = decode_module.save_image_strip(str(tmp_path / "strip.png"), [truth, decoded], labels=["truth", "decoded"],
                                           scale=2)
@@ -1251,8 +1279,8 @@ def test_decode_image_strip_and_gif(tmp_path):
     assert gif.n_frames == 5 and gif.size == (2 + 2 * (16 + 2), 2 + 16 + 2)
 
 
+@SLOW
 def test_decode_training_beats_start_and_mean_image(toy_decoder_run):
-    import json
     argv, out = toy_decoder_run
     records = [json.loads(line) for line in open(out / "log.jsonl")]
     start, end = records[0], records[-1]
@@ -1267,8 +1295,8 @@ def test_decode_training_beats_start_and_mean_image(toy_decoder_run):
     assert not decoder.training and checkpoint["metrics"] == end and (out / "recon.png").exists()
 
 
+@SLOW
 def test_decode_ctrl_c_then_resume_matches_uninterrupted(toy_decoder_run, tmp_path, monkeypatch):
-    import signal
     argv, reference = toy_decoder_run
     short = [value if value != "150" else "20" for value in argv]
     first = tmp_path / "uninterrupted"
@@ -1291,6 +1319,7 @@ def test_decode_ctrl_c_then_resume_matches_uninterrupted(toy_decoder_run, tmp_pa
     assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
 
 
+@SLOW
 def test_decode_bad_input_fails_with_one_clear_line(toy_decoder_run, tmp_path):
     argv, reference = toy_decoder_run
     checkpoint = str(reference / "checkpoint.pt")
@@ -1303,7 +1332,7 @@ def test_decode_bad_input_fails_with_one_clear_line(toy_decoder_run, tmp_path):
             assert message in str(raised.value.code) and "\n" not in str(raised.value.code)
 
     def with_out(out, *extra):
-        return [value if value != str(reference) else str(out) for value in argv] + list(extra)
+        return _elsewhere(argv, reference, out) + list(extra)
 
     fails(["--dataset", "x"], None)  # no --train
     fails(with_out(reference), "already exists")
@@ -1319,7 +1348,6 @@ def test_decode_bad_input_fails_with_one_clear_line(toy_decoder_run, tmp_path):
         decode_module.load_decoder(checkpoint, encoder={"name_or_path": "facebook/dinov2-small", "pool": 2})
 
 # ==== eval ====
-import eval as eval_module
 
 SMALL_PLANNER = dict(samples=16, top_k=4, iterations=1, horizon=2)
 
@@ -1334,8 +1362,8 @@ def test_eval_error_measures():
     assert np.allclose(cosine, -1)
 
 
+@SLOW
 def test_eval_report_of_a_checkpoint(toy_train_run, tmp_path):
-    import json
     _, run = toy_train_run
     report = eval_module.evaluate(str(run / "checkpoint.pt"), str(tmp_path / "eval"), context=1, horizon=3, clips=4,
                                   pairs=2, K=2, planner_options=SMALL_PLANNER, quiet=True)
@@ -1353,22 +1381,21 @@ def test_eval_report_of_a_checkpoint(toy_train_run, tmp_path):
     assert loop["pairs"] == 2 and 0 <= loop["planner"]["success_rate"] <= 1 and "random" in loop
     assert os.path.isfile(tmp_path / "eval" / "open_loop.png")
     assert json.load(open(tmp_path / "eval" / "report.json"))["clips"] == report["clips"] > 0
-    assert "copy_last MSE" in eval_module.summary_table(report)
+    table = eval_module.summary_table(report)
+    assert "copy_last MSE" in table and not UNFORMATTED.search(table)
 
 
 def test_eval_action_response_of_the_simulator_is_exact(tiny_dinov2_dir):
     """The diagnostic on a model that is the simulator itself: every dimension's imagined change is the
     true change (cosine 1, size ratio 1); a model that ignores one dimension scores 0 there."""
-    import encoder
-    import sim
 
-    class Simulator(plan_module.SimOracle):
+    class Simulator(cem.SimOracle):
         def encode(self, images):
-            return plan_module.encode_images(self.encoder, self.token_stats, images)
+            return cem.encode_images(self.encoder, self.token_stats, images)
 
     stats = data_module.ActionStats(torch.zeros(7), torch.tensor(sim.ACTION_SCALE, dtype=torch.float32))
-    frozen = encoder.Encoder(str(tiny_dinov2_dir))
-    oracle = Simulator(frozen, encoder.TokenStats(torch.zeros(frozen.token_dim), torch.ones(frozen.token_dim)), stats)
+    frozen = encoder_module.Encoder(str(tiny_dinov2_dir))
+    oracle = Simulator(frozen, encoder_module.TokenStats(torch.zeros(frozen.token_dim), torch.ones(frozen.token_dim)), stats)
     response = eval_module.action_response(oracle, contexts=3)
     np.testing.assert_allclose(response["cosine"], 1.0, atol=1e-4)
     np.testing.assert_allclose(response["norm_ratio"], 1.0, atol=1e-4)
@@ -1381,9 +1408,10 @@ def test_eval_action_response_of_the_simulator_is_exact(tiny_dinov2_dir):
     assert abs(response["cosine"][6]) < 1e-4 and min(response["cosine"][:6]) > 0.999
 
 
+@SLOW
 def test_eval_fast_ablations_write_table_and_plot(toy_labeled_root, toy_unlabeled_root, tiny_dinov2_dir, tmp_path):
     def run_ablations(names, steps=2):
-        return eval_module.run_ablations(
+        return ablations_module.run_ablations(
             str(tmp_path), steps=steps, pairs=1, clips=2, planner_options=SMALL_PLANNER, names=names,
             toy_datasets={"demo": (toy_labeled_root, toy_unlabeled_root)}, context=1, horizon=2, task="reach",
             planner_size="fast",
@@ -1397,25 +1425,27 @@ def test_eval_fast_ablations_write_table_and_plot(toy_labeled_root, toy_unlabele
     assert results["diffusion_forcing"]["mode"] == "diffusion" and results["recipe"]["mode"] == "shortcut"
     assert not results["recipe"]["own_scale"] and results["labeled_5_alone"]["own_scale"]  # ran before the recipe
     table = open(tmp_path / "ablations.md").read()
-    assert all(f"| {name} |" in table for name in names)
+    assert all(f"| {name} |" in table for name in names) and not UNFORMATTED.search(table)
     loop = results["recipe"]["closed_loop"]
     assert loop["task"] == "reach" and loop["size"] == "fast" and loop["K"] == 1 and "Closed loop: task reach" in table
     assert os.path.isfile(tmp_path / "ablations.png")
     assert list(run_ablations(["recipe"], steps=3)) == ["recipe"]  # other settings: earlier results dropped
-    result = subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), "--checkpoint", str(tmp_path / "nothing.pt")],
-                            capture_output=True, text=True)
-    assert result.returncode != 0 and result.stderr.strip().splitlines()[-1].startswith("error:")
+    for command in (["eval.py", "--checkpoint", str(tmp_path / "nothing.pt")], ["ablations.py", "--steps", "0"]):
+        result = subprocess.run([sys.executable, os.path.join(HERE, command[0]), *command[1:]], capture_output=True,
+                                text=True)
+        assert result.returncode != 0 and result.stderr.strip().splitlines()[-1].startswith(("error:", "usage:")) or \
+            "error:" in result.stderr.strip().splitlines()[-1]
 
 
 # ==== bench ====
 
 
+@SLOW
 def test_bench_quick_measures_every_figure(tmp_path):
     """Exercised, not timed: every section is measured and written, ratios are computable."""
-    import json
-    import bench
     assert bench.main(["--quick", "--repeats", "1", "--out", str(tmp_path / "BENCH.md")]) == 0
     text = open(tmp_path / "BENCH.md").read()
+    assert not UNFORMATTED.search(text), UNFORMATTED.search(text)  # every placeholder was filled in
     for heading in ("Training step", "Attention kernels", "KV cache", "Sampling steps", "CEM MPC step", "Data"):
         assert heading in text
     report = json.load(open(tmp_path / "BENCH.json"))
@@ -1432,6 +1462,17 @@ def test_bench_quick_measures_every_figure(tmp_path):
 
 # ==== end ====
 
+class Markers:
+    """Registers the `slow` marker with pytest (a plugin object: a test module cannot add hooks)."""
+
+    @staticmethod
+    def pytest_configure(config):
+        config.addinivalue_line("markers", "slow: trains a model (skipped by python test_all.py --quick)")
+
+
 if __name__ == "__main__":
+    arguments = [argument for argument in sys.argv[1:] if argument != "--quick"]
+    if "--quick" in sys.argv[1:]:
+        arguments += ["-m", "not slow"]
     sys.exit(pytest.main([os.path.abspath(__file__), "-q", "-p", "no:cacheprovider", "-W", "ignore::DeprecationWarning",
-                          "--durations=15", *sys.argv[1:]]))
+                          "--durations=15", *arguments], plugins=[Markers()]))

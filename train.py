@@ -23,12 +23,11 @@ x 8 frames from a feature cache, 1000 steps at learning rate 2e-3 with 100 warm-
 ramp (--no-ramp), the locally linear action response (--action-jacobian, dynamics.py) and labelled
 rows trained at the planner's noise levels (--labeled-queries, shortcut.py section 7).
 
-Checkpoints are one file (`<out>/checkpoint.pt`) of tensors and plain Python values only, written
-atomically (temporary file, then rename) every `--save-every` steps, at the end, and on Ctrl-C /
-SIGTERM. They are read with `torch.load(weights_only=True)`, which never runs code from the file.
-Every random draw of step s (which clips, which noise, which tau and d) comes from generators seeded
-by (seed, rank, step), so a run that is stopped - even killed hard - and resumed with `--resume`
-reaches exactly the weights of a run that was never interrupted (on CPU).
+The loop (`train`) is checkpoint.py's: `<out>/checkpoint.pt` is written atomically every
+`--save-every` steps, at the end, and on Ctrl-C / SIGTERM. Every random draw of step s (which clips,
+which noise, which tau and d) comes from generators seeded by (seed, rank, step), so a run that is
+stopped - even killed hard - and resumed with `--resume` reaches exactly the weights of a run that
+was never interrupted (on CPU).
 
 Data parallel: under `torchrun` every rank draws different clips (the rank is in the seed), the
 gradients are averaged by DistributedDataParallel (NCCL on GPUs, gloo on CPU), and only rank 0
@@ -38,9 +37,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import os
-import signal
 import sys
 import time
 
@@ -51,76 +48,10 @@ from tqdm import tqdm
 import data
 import encoder as encoder_module
 import sim
+from checkpoint import (CHECKPOINT_FORMAT, TOY_RUN_DIR, StopRequest, check_finite, check_output_folder, clamp_warmup,
+                        is_due, make_optimizer, optimizer_step, restore_training_state, resume_from, save_atomic)
 from dynamics import DynamicsConfig, DynamicsModel, PRESETS
 from shortcut import shortcut_forcing_loss
-
-CHECKPOINT_FORMAT = "dreamer-dino-wm/1"
-TOY_RUN_DIR = os.path.join("runs", "toy")
-
-
-class CheckpointError(Exception):
-    """A checkpoint that is missing, corrupt, or not one of ours (the CLIs print it on one line)."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints: one file, tensors and plain values only, written atomically.
-
-
-def save_atomic(payload, path):
-    """torch.save to a temporary file next to `path`, then rename over it. A crash mid-write leaves
-    the previous file intact: os.replace is atomic on POSIX and Windows."""
-    temporary = f"{path}.tmp-{os.getpid()}"
-    torch.save(payload, temporary)
-    os.replace(temporary, path)
-
-
-def load_safely(path, expected_format=CHECKPOINT_FORMAT):
-    """Read a checkpoint with weights_only=True (no code from the file ever runs) and check that it
-    is ours. Raises CheckpointError with a one-line reason."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path!r} does not exist")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated file, pickle with code in it, not a torch file at all
-        raise CheckpointError(f"cannot read checkpoint {path!r} ({type(error).__name__}: "
-                              f"{str(error).splitlines()[0][:160]})") from None
-    if not isinstance(payload, dict) or payload.get("format") != expected_format:
-        raise CheckpointError(f"{path!r} is not a checkpoint of this project "
-                              f"(expected format {expected_format!r})")
-    return payload
-
-
-def load_world_model(path, device="cpu", use_ema=True):
-    """The dynamics model of a training checkpoint (EMA weights when present), in eval mode, and
-    the checkpoint dict (config, action and token statistics, encoder name)."""
-    checkpoint = load_safely(path)
-    model = DynamicsModel(DynamicsConfig(**checkpoint["model_config"]))
-    weights = checkpoint["ema"] if use_ema and checkpoint.get("ema") is not None else checkpoint["model"]
-    model.load_state_dict(weights)
-    return model.to(device).eval(), checkpoint
-
-
-# ----------------------------------------------------------------------------------------------
-# Learning-rate schedule and EMA.
-
-
-def learning_rate_factor(step, warmup_steps, total_steps, final_fraction=0.1):
-    """Linear warm-up to 1, then cosine decay to `final_fraction` at `total_steps`."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def clamp_warmup(warmup_steps, total_steps):
-    """A warm-up at least as long as the run would never reach the peak learning rate: use a tenth
-    of the run instead, and say so on one line."""
-    if warmup_steps < total_steps:
-        return warmup_steps
-    clamped = total_steps // 10
-    print(f"note: --warmup {warmup_steps} is not shorter than the run's {total_steps} steps: "
-          f"warming up for {clamped} steps instead", file=sys.stderr)
-    return clamped
 
 
 @torch.no_grad()
@@ -257,7 +188,7 @@ def model_config_from_arguments(args, encoder):
 
 
 # ----------------------------------------------------------------------------------------------
-# Set-up: distributed, data, encoder, statistics.
+# Set-up: distributed, data, encoder, statistics, model.
 
 
 def setup_distributed(args):
@@ -273,13 +204,13 @@ def setup_distributed(args):
     return rank, world_size
 
 
-def prepare_toy_data(args, parser):
+def prepare_toy_data(args):
     """The embedded default: toy datasets written by sim.py and a tiny random DINOv2, created once
     (each only where the user did not name their own)."""
     if args.labeled is None or args.unlabeled is None:
         labeled, unlabeled = sim.ensure_toy_datasets()
         args.labeled, args.unlabeled = args.labeled or labeled, args.unlabeled or unlabeled
-    if args.encoder == parser.get_default("encoder"):
+    if args.encoder == build_argument_parser().get_default("encoder"):
         args.encoder = encoder_module.ensure_tiny_dinov2()
     if args.feature_cache is None:
         # Encode the toy frames once (seconds) instead of decoding them and running DINOv2 every step:
@@ -327,87 +258,62 @@ def encode_batch(batch, frozen_encoder, device):
     return tokens.unflatten(0, (batch_size, clip_length)).float()
 
 
-# ----------------------------------------------------------------------------------------------
-# The run.
+@dataclasses.dataclass
+class Run:
+    """What a training run holds from step to step, and what its checkpoint saves."""
+    args: argparse.Namespace
+    device: torch.device
+    frozen_encoder: encoder_module.Encoder
+    datasets: dict  # role -> (train, validation) ClipDataset
+    config: DynamicsConfig
+    action_stats: data.ActionStats
+    token_stats: encoder_module.TokenStats
+    model: DynamicsModel
+    ema_model: DynamicsModel  # None when --ema 0
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
 
 
-class StopRequest:
-    """While active, Ctrl-C / SIGTERM only set a flag: the loop finishes its step, saves a checkpoint
-    and exits cleanly. The previous handlers come back on exit."""
-
-    def __enter__(self):
-        self.signal_name = None
-        self.previous = {number: signal.signal(number, self.handle) for number in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def handle(self, signal_number, frame):
-        if self.signal_name is not None:  # asked twice: stop now, without waiting for the step
-            raise KeyboardInterrupt
-        self.signal_name = signal.Signals(signal_number).name
-
-    def __exit__(self, *exception):
-        for number, handler in self.previous.items():
-            signal.signal(number, handler)
+def check_resumable(args, resumed):
+    if resumed is not None and (resumed["train_args"]["preset"] != args.preset or resumed["toy"] != args.toy):
+        raise SystemExit(f"error: {args.resume} was trained with preset "
+                         f"{resumed['train_args']['preset']!r} (toy={resumed['toy']}); this run asks for "
+                         f"{args.preset!r} (toy={args.toy}): pass the same data and --preset to resume")
 
 
-def check_output_folder(args, rank):
-    checkpoint_path = os.path.join(args.out, "checkpoint.pt")
-    if rank == 0:
-        try:
-            os.makedirs(args.out, exist_ok=True)
-            probe = os.path.join(args.out, f".write-test-{os.getpid()}")
-            open(probe, "w").close()
-            os.remove(probe)
-        except OSError as error:
-            raise SystemExit(f"error: cannot write to output folder {args.out!r}: {error.strerror}")
-        if os.path.exists(checkpoint_path) and not args.resume and not args.overwrite:
-            raise SystemExit(f"error: {checkpoint_path} already exists; continue it with --resume "
-                             f"{checkpoint_path}, start afresh with --overwrite, or choose another --out")
-    return checkpoint_path
-
-
-def train(args):
-    rank, world_size = setup_distributed(args)
-    torch.manual_seed(args.seed)
-    resumed = None
-    if args.resume:
-        try:
-            resumed = load_safely(args.resume)
-        except CheckpointError as error:
-            raise SystemExit(f"error: {error}")
-        if resumed["train_args"]["preset"] != args.preset or resumed["toy"] != args.toy:
-            raise SystemExit(f"error: {args.resume} was trained with preset "
-                             f"{resumed['train_args']['preset']!r} (toy={resumed['toy']}); this run asks for "
-                             f"{args.preset!r} (toy={args.toy}): pass the same data and --preset to resume")
-    checkpoint_path = check_output_folder(args, rank)
+def load_data(args, rank, world_size, device):
+    """The frozen encoder, the model configuration its tokens imply, and the datasets."""
     if args.toy:
         if rank == 0:
-            prepare_toy_data(args, build_argument_parser())
+            prepare_toy_data(args)
         if world_size > 1:
             dist.barrier()
         if rank != 0:
-            prepare_toy_data(args, build_argument_parser())  # now only fills in paths: rank 0 wrote the files
-    device = torch.device(args.device)
-
+            prepare_toy_data(args)  # now only fills in paths: rank 0 wrote the files
     try:
         frozen_encoder = encoder_module.Encoder(args.encoder, pool=args.pool).to(device)
-        config = model_config_from_arguments(args, frozen_encoder)
-        datasets = build_datasets(args, frozen_encoder.image_size)
+        return frozen_encoder, model_config_from_arguments(args, frozen_encoder), build_datasets(
+            args, frozen_encoder.image_size)
     except (data.DatasetError, OSError, ValueError) as error:
         raise SystemExit(f"error: {error}")
 
-    # Statistics: from the checkpoint when resuming, else measured on the training data (rank 0's
-    # view is enough; every rank computes the same numbers because the draws are seeded alike).
-    if resumed is not None:
-        action_stats = data.ActionStats(**resumed["action_stats"])
-        token_stats = encoder_module.TokenStats(**resumed["token_stats"])
-    else:
-        action_stats = data.ActionStats.from_dataset(datasets["labeled"][0])
-        stats_loader = make_loader(datasets, args, "train", rank=0, start_step=10_000_000)
-        token_stats = encoder_module.compute_token_stats(
-            (encode_batch(batch, frozen_encoder, device) for batch in stats_loader),
-            max_batches=args.stats_batches)
 
+def measure_statistics(args, resumed, datasets, frozen_encoder, device):
+    """Action and token statistics: from the checkpoint when resuming, else measured on the training
+    data (rank 0's view is enough; every rank computes the same numbers: the draws are seeded alike)."""
+    if resumed is not None:
+        return data.ActionStats(**resumed["action_stats"]), encoder_module.TokenStats(**resumed["token_stats"])
+    stats_loader = make_loader(datasets, args, "train", rank=0, start_step=10_000_000)
+    token_stats = encoder_module.TokenStats.from_batches(
+        (encode_batch(batch, frozen_encoder, device) for batch in stats_loader), max_batches=args.stats_batches)
+    return data.ActionStats.from_dataset(datasets["labeled"][0]), token_stats
+
+
+def set_up(args, rank, world_size, resumed):
+    """Everything the loop needs, restored from `resumed` when given. Returns (Run, first step)."""
+    device = torch.device(args.device)
+    frozen_encoder, config, datasets = load_data(args, rank, world_size, device)
+    action_stats, token_stats = measure_statistics(args, resumed, datasets, frozen_encoder, device)
     if resumed is not None and resumed["model_config"] != dataclasses.asdict(config):
         raise SystemExit(f"error: {args.resume} holds a model of another configuration; resume with the "
                          f"flags it was trained with")
@@ -417,130 +323,154 @@ def train(args):
     if ema_model is not None:
         ema_model.load_state_dict(model.state_dict())
         ema_model.requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                                  betas=(0.9, 0.95))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: learning_rate_factor(step, args.warmup, args.steps))
-    start_step = 0
-    if resumed is not None:
-        model.load_state_dict(resumed["model"])
-        if ema_model is not None and resumed["ema"] is not None:
-            ema_model.load_state_dict(resumed["ema"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        scheduler.load_state_dict(resumed["scheduler"])
-        start_step = resumed["step"]
+    optimizer, scheduler = make_optimizer(model.parameters(), args.lr, args.weight_decay, args.warmup, args.steps)
+    start_step = restore_training_state(resumed, model, optimizer, scheduler)
+    if resumed is not None and ema_model is not None and resumed["ema"] is not None:
+        ema_model.load_state_dict(resumed["ema"])
     if rank == 0:
         print(f"model: preset {args.preset}, {model.num_parameters() / 1e6:.2f} M parameters, "
               f"{config.num_tokens} tokens x {config.token_dim} per frame; device {device}, {world_size} rank(s)")
+    return Run(args, device, frozen_encoder, datasets, config, action_stats, token_stats, model, ema_model,
+               optimizer, scheduler), start_step
 
-    trained_model = model
-    if args.compile:
-        trained_model = torch.compile(trained_model)
+
+def training_network(run, world_size):
+    """The module the loss calls: the model, compiled (--compile) and wrapped for data parallelism."""
+    network = torch.compile(run.model) if run.args.compile else run.model
     if world_size > 1:
-        trained_model = torch.nn.parallel.DistributedDataParallel(
-            trained_model, device_ids=[device.index] if device.type == "cuda" else None)
-        trained_model.config = config  # the loss reads model.config (k_max, shapes) through the wrapper
-    use_bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+        network = torch.nn.parallel.DistributedDataParallel(
+            network, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+        network.config = run.config  # the loss reads model.config (k_max, shapes) through the wrapper
+    return network
 
-    def batch_loss(batch, step_generator, network):
-        tokens = token_stats.normalize(encode_batch(batch, frozen_encoder, device))  # (B, T, N, D)
-        action_mask = batch["action_mask"].to(device)  # (B,)
-        actions = action_stats.normalize(batch["actions"].to(device)) * action_mask[:, None, None]
-        with autocast():
-            return shortcut_forcing_loss(
-                network, tokens, actions, action_mask, k_max=config.k_max,
-                bootstrap_fraction=args.bootstrap_fraction,
-                ema_model=ema_model if args.ema_bootstrap else None, pred=args.pred,
-                ramp=args.ramp, mode=args.mode, generator=step_generator,
-                context_noise=args.context_noise,
-                labeled_queries=args.labeled_queries)
 
-    def make_checkpoint(step):
-        return dict(format=CHECKPOINT_FORMAT, step=step, toy=args.toy,
-                    model=model.state_dict(), ema=None if ema_model is None else ema_model.state_dict(),
-                    optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                    model_config=dataclasses.asdict(config),
-                    train_args={key: value for key, value in vars(args).items()},
-                    action_stats=dict(mean=action_stats.mean, std=action_stats.std),
-                    token_stats=dict(mean=token_stats.mean, std=token_stats.std),
-                    encoder=dict(name_or_path=args.encoder, pool=args.pool))
+# ----------------------------------------------------------------------------------------------
+# The steps of the loop.
 
-    @torch.no_grad()
-    def validation_loss():
-        network = ema_model if ema_model is not None else model
-        losses = []
-        for index, batch in zip(range(args.val_batches), make_loader(datasets, args, "val", rank)):
-            generator = torch.Generator(device).manual_seed(args.seed + 7_777_777 + index)
-            losses.append(batch_loss(batch, generator, network)[0].item())
-        return sum(losses) / len(losses)
 
-    # a resumed run continues its log; a fresh one (--overwrite included) starts a new one
-    log_file = open(os.path.join(args.out, "log.jsonl"), "a" if resumed else "w") if rank == 0 else None
-    wandb_run = None
-    if args.wandb and rank == 0:
-        import wandb  # only imported, and only contacted, when asked for
-        wandb_run = wandb.init(project=args.wandb, config=vars(args), resume="allow")
+def batch_loss(run, batch, network, generator):
+    """Shortcut forcing loss of one batch: encode, normalise, mask the unlabelled rows' actions."""
+    args = run.args
+    tokens = run.token_stats.normalize(encode_batch(batch, run.frozen_encoder, run.device))  # (B, T, N, D)
+    action_mask = batch["action_mask"].to(run.device)  # (B,)
+    actions = run.action_stats.normalize(batch["actions"].to(run.device)) * action_mask[:, None, None]  # (B, T, 7)
+    use_bf16 = args.precision == "bf16" or (args.precision == "auto" and run.device.type == "cuda")
+    with torch.autocast(run.device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext():
+        return shortcut_forcing_loss(
+            network, tokens, actions, action_mask, k_max=run.config.k_max,
+            bootstrap_fraction=args.bootstrap_fraction, ema_model=run.ema_model if args.ema_bootstrap else None,
+            pred=args.pred, ramp=args.ramp, mode=args.mode, generator=generator,
+            context_noise=args.context_noise, labeled_queries=args.labeled_queries)
 
-    loader = make_loader(datasets, args, "train", rank, start_step=start_step)
+
+@torch.no_grad()
+def validation_loss(run, rank):
+    """Mean loss over --val-batches held-out batches, each with its own fixed noise."""
+    network = run.ema_model if run.ema_model is not None else run.model
+    losses = []
+    for index, batch in zip(range(run.args.val_batches), make_loader(run.datasets, run.args, "val", rank)):
+        generator = torch.Generator(run.device).manual_seed(run.args.seed + 7_777_777 + index)
+        losses.append(batch_loss(run, batch, network, generator)[0].item())
+    return sum(losses) / len(losses)
+
+
+def checkpoint_payload(run, step):
+    return dict(format=CHECKPOINT_FORMAT, step=step, toy=run.args.toy, model=run.model.state_dict(),
+                ema=None if run.ema_model is None else run.ema_model.state_dict(),
+                optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(),
+                model_config=dataclasses.asdict(run.config), train_args=dict(vars(run.args)),
+                action_stats=dict(mean=run.action_stats.mean, std=run.action_stats.std),
+                token_stats=dict(mean=run.token_stats.mean, std=run.token_stats.std),
+                encoder=dict(name_or_path=run.args.encoder, pool=run.args.pool))
+
+
+class TrainingLog:
+    """Rank 0's records: <out>/log.jsonl (continued by a resumed run, new otherwise), Weights & Biases
+    when asked for, and the progress bar's numbers. Validation time does not count against frames/s."""
+
+    def __init__(self, run, resumed, world_size, start_step):
+        args = run.args
+        self.run, self.start_step = run, start_step
+        self.frames_per_step = args.batch_size * args.clip_length * world_size
+        self.file = open(os.path.join(args.out, "log.jsonl"), "a" if resumed else "w")
+        self.wandb_run = None
+        if args.wandb:
+            import wandb  # only imported, and only contacted, when asked for
+            self.wandb_run = wandb.init(project=args.wandb, config=vars(args), resume="allow")
+        self.timer = time.perf_counter()
+
+    def write(self, done, loss, parts, gradient_norm):
+        args = self.run.args
+        elapsed = time.perf_counter() - self.timer
+        record = dict(step=done, loss=loss.item(), flow=float(parts["flow"]), bootstrap=float(parts["bootstrap"]),
+                      grad_norm=gradient_norm.item(), lr=self.run.scheduler.get_last_lr()[0],
+                      frames_per_s=self.frames_per_step * min(args.log_every, done - self.start_step) / elapsed)
+        if is_due(done, args.val_every, args.steps):
+            record["val_loss"] = validation_loss(self.run, rank=0)
+        self.timer = time.perf_counter()
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log(record, step=done)
+        return dict(loss=f"{record['loss']:.4f}", flow=f"{record['flow']:.4f}", boot=f"{record['bootstrap']:.4f}",
+                    lr=f"{record['lr']:.1e}", fps=f"{record['frames_per_s']:.0f}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The run.
+
+
+def train(args):
+    rank, world_size = setup_distributed(args)
+    torch.manual_seed(args.seed)
+    resumed = resume_from(args.resume)
+    check_resumable(args, resumed)
+    checkpoint_path = check_output_folder(args.out, args.resume, args.overwrite, rank)
+    run, start_step = set_up(args, rank, world_size, resumed)
+    network = training_network(run, world_size)
+    log = TrainingLog(run, resumed, world_size, start_step) if rank == 0 else None
+    loader = make_loader(run.datasets, args, "train", rank, start_step=start_step)
     progress = tqdm(total=args.steps, initial=start_step, disable=rank != 0, dynamic_ncols=True)
-    frames_per_step = args.batch_size * args.clip_length * world_size
-    timer, step = time.perf_counter(), start_step
-    model.train()
+    step = start_step
+    run.model.train()
     with StopRequest() as stop:
         for step, batch in zip(range(start_step, args.steps), loader):
-            generator = torch.Generator(device).manual_seed(args.seed * 1_000_003 + rank * 7919 + step)
-            loss, parts = batch_loss(batch, generator, trained_model)
-            if not torch.isfinite(loss):
-                raise SystemExit(f"error: the loss became {loss.item()} at step {step}; stopping. The last good "
-                                 f"checkpoint ({checkpoint_path}) is intact.")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            gradient_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            if ema_model is not None:
-                update_ema(ema_model, model, args.ema, step + 1)
+            generator = torch.Generator(run.device).manual_seed(args.seed * 1_000_003 + rank * 7919 + step)
+            loss, parts = batch_loss(run, batch, network, generator)
+            check_finite(loss, step, checkpoint_path)
+            gradient_norm = optimizer_step(loss, run.model, run.optimizer, run.scheduler, args.grad_clip)
+            if run.ema_model is not None:
+                update_ema(run.ema_model, run.model, args.ema, step + 1)
             done = step + 1
-
-            if rank == 0 and (done % args.log_every == 0 or done == args.steps):
-                elapsed = time.perf_counter() - timer
-                record = dict(step=done, loss=loss.item(), flow=float(parts["flow"]),
-                              bootstrap=float(parts["bootstrap"]), grad_norm=gradient_norm.item(),
-                              lr=scheduler.get_last_lr()[0],
-                              frames_per_s=frames_per_step * min(args.log_every, done - start_step) / elapsed)
-                if args.val_every and (done % args.val_every == 0 or done == args.steps):
-                    record["val_loss"] = validation_loss()
-                timer = time.perf_counter()  # validation time does not count against throughput
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
-                if wandb_run is not None:
-                    wandb_run.log(record, step=done)
-                progress.set_postfix(loss=f"{record['loss']:.4f}", flow=f"{record['flow']:.4f}",
-                                     boot=f"{record['bootstrap']:.4f}", lr=f"{record['lr']:.1e}",
-                                     fps=f"{record['frames_per_s']:.0f}")
+            if rank == 0 and is_due(done, args.log_every, args.steps):
+                progress.set_postfix(log.write(done, loss, parts, gradient_norm))
             progress.update(1)
-            if rank == 0 and (done % args.save_every == 0 or done == args.steps or stop.signal_name):
-                save_atomic(make_checkpoint(done), checkpoint_path)
+            if rank == 0 and (is_due(done, args.save_every, args.steps) or stop.signal_name):
+                save_atomic(checkpoint_payload(run, done), checkpoint_path)
             if stop.signal_name:
                 break
     progress.close()
     if world_size > 1:
         dist.destroy_process_group()
-    if rank == 0:
-        log_file.close()
-        if stop.signal_name:
-            print(f"{stop.signal_name}: stopped after step {step + 1}; checkpoint {checkpoint_path}. "
-                  f"Continue with: python train.py ... --resume {checkpoint_path}")
-            return 130
-        print(f"checkpoint: {checkpoint_path} (step {args.steps})")
-        if args.toy:
-            from plan import write_goal_images  # imported here: plan.py itself imports train.py
-            goals_dir = write_goal_images(os.path.join(args.out, "goals"), n=4, seed=args.seed)
-            print(f"next: python plan.py --goal {os.path.join(goals_dir, 'goal_0.png')}   "
-                  f"(closed-loop MPC in the toy world)\n      python eval.py --checkpoint {checkpoint_path}")
-        else:
-            print(f"next: python plan.py --checkpoint {checkpoint_path} --goal GOAL.png --obs NOW.png")
+    return finish(args, rank, log, stop, step, checkpoint_path)
+
+
+def finish(args, rank, log, stop, step, checkpoint_path):
+    """Close the log and say what to run next (or how to continue a stopped run)."""
+    if rank != 0:
+        return 0
+    log.file.close()
+    if stop.signal_name:
+        print(f"{stop.signal_name}: stopped after step {step + 1}; checkpoint {checkpoint_path}. "
+              f"Continue with: python train.py ... --resume {checkpoint_path}")
+        return 130
+    print(f"checkpoint: {checkpoint_path} (step {args.steps})")
+    if args.toy:
+        goals_dir = sim.write_goal_images(os.path.join(args.out, "goals"), n=4, seed=args.seed)
+        print(f"next: python plan.py --goal {os.path.join(goals_dir, 'goal_0.png')}   "
+              f"(closed-loop MPC in the toy world)\n      python eval.py --checkpoint {checkpoint_path}")
+    else:
+        print(f"next: python plan.py --checkpoint {checkpoint_path} --goal GOAL.png --obs NOW.png")
     return 0
 
 

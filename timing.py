@@ -1,0 +1,121 @@
+"""Timing and peak memory, measured so that a busy, shared machine does not fool the numbers.
+
+Time: the median of `repeats` runs after warm-up runs, with the GPU synchronised around each run.
+The machine's matrix-multiply rate (the ceiling MFU is measured against): a large square matmul,
+fp32 on CPU and bf16 on GPU, 2n³ FLOPs over its *fastest* run, since other work on the machine can
+only slow a run down.
+
+Peak memory: on a GPU torch.cuda.max_memory_allocated; on CPU the peak resident memory of the
+process above what it held before (Linux VmHWM, reset through /proc/self/clear_refs), read in one
+extra untimed run. Before it, malloc hands back the free memory it kept from earlier runs
+(malloc_trim), and during it every block of 256 KB or more is mmap'd (set_mmap_threshold), so that
+resident memory follows the tensors; otherwise reused blocks would not show. The timed runs keep
+malloc's usual settings (page faults on every large tensor would slow them down).
+"""
+import ctypes
+import statistics
+import time
+
+import torch
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def resident_bytes(field):
+    """VmRSS (now) or VmHWM (peak since the last reset) of this process, in bytes; None off Linux."""
+    try:
+        with open("/proc/self/status") as file:
+            for line in file:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak(device):
+    """Start a new peak-memory window; returns the baseline to subtract."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/self/clear_refs", "w") as file:
+            file.write("5")  # resets VmHWM to the current VmRSS
+    except OSError:
+        return None
+    return resident_bytes("VmRSS")
+
+
+def peak_above(device, baseline):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) - baseline
+    peak = resident_bytes("VmHWM")
+    if peak is None or baseline is None or peak - baseline < 2 ** 20:
+        return None  # under 1 MB of growth: too small to tell from page counts ("n/a")
+    return peak - baseline
+
+
+def set_mmap_threshold(size):
+    """glibc's malloc: blocks of at least `size` bytes are mmap'd, and handed back to the system when
+    freed. By default the threshold grows after the first such free (up to 32 MB), so later tensors
+    stay in malloc's heap: fast to reuse, but then resident memory no longer follows the tensors."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, size)  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass  # not glibc: the CPU peak is then an upper bound including allocator slack
+
+
+def release_free_memory():
+    """glibc's malloc_trim(0): give the free memory malloc keeps in its heap back to the system, so
+    that a block reused from there counts as newly resident again (else the peak reads too low)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def measure(function, device, repeats, warmup=1):
+    """Median seconds of `function()` over `repeats` runs after `warmup` runs, and its peak memory
+    (bytes above the start). On CPU the peak comes from one more, untimed run (module docstring):
+    malloc first hands back what it kept, then mmaps every block of 256 KB or more, so that resident
+    memory follows the tensors; the timed runs keep the usual settings (page faults on every large
+    tensor would slow them down by up to 2x)."""
+    for _ in range(warmup):
+        function()
+    synchronize(device)
+    if device.type == "cuda":
+        baseline = reset_peak(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    if device.type != "cuda":
+        set_mmap_threshold(256 * 1024)
+        release_free_memory()
+        baseline = reset_peak(device)
+        function()
+        set_mmap_threshold(32 * 1024 * 1024)
+    return dict(seconds=statistics.median(times), peak_bytes=peak_above(device, baseline))
+
+
+def matmul_rate(device, n, repeats):
+    """FLOP/s of an (n, n) @ (n, n) matmul, fp32 on CPU, bf16 on GPU (what training runs in): 2n³
+    over the fastest of the runs. The fastest, since the rate is a ceiling: other work on the
+    machine can only slow a run down."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(2):
+        a @ b  # warm-up
+    times = []
+    for _ in range(max(3, repeats)):
+        synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return 2 * n ** 3 / min(times)

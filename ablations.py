@@ -27,7 +27,7 @@ import eval as eval_module
 import sim
 import train as train_module
 from cem import PLANNER_SIZES
-from checkpoint import CheckpointError, load_safely
+from checkpoint import CheckpointError, load_safely, writable_folder
 
 
 class Variant(NamedTuple):
@@ -199,6 +199,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if min(args.steps, args.clips, args.pairs) < 1:
         parser.error("--steps, --clips and --pairs must be at least 1")
+    writable_folder(args.out)
     try:
         run_ablations(args.out, args.steps, args.pairs, args.clips, args.seed, names=args.only,
                       closed_loop=not args.no_closed_loop, task=args.task, planner_size=args.planner)

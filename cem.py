@@ -212,8 +212,9 @@ class CEMPlanner:
     def __init__(self, model, horizon=5, samples=300, top_k=30, iterations=10, sigma=1.0, momentum=0.0,
                  cost="mse", all_frames=False, max_sigma=3.0, max_translation=0.05, max_rotation=None,
                  max_gripper=None, replan_every=1, warm_start=True, seed=0):
-        if not 1 <= top_k <= samples or cost not in ("mse", "l1") or not 1 <= replan_every <= horizon:
-            raise ValueError("need 1 <= top_k <= samples, cost 'mse' or 'l1', 1 <= replan_every <= horizon")
+        if not 1 <= top_k <= samples or cost not in ("mse", "l1") or not 1 <= replan_every <= horizon or iterations < 1:
+            raise ValueError("need 1 <= top_k <= samples, cost 'mse' or 'l1', 1 <= replan_every <= horizon, "
+                             "iterations >= 1")
         self.model, self.action_stats = model, model.action_stats
         self.horizon, self.samples, self.top_k, self.iterations = horizon, samples, top_k, iterations
         self.sigma, self.momentum, self.cost_name, self.all_frames = sigma, momentum, cost, all_frames

@@ -354,9 +354,14 @@ def open_feature_cache(folder, camera_key, total_frames):
     meta_path, tokens_path = os.path.join(folder, "meta.json"), os.path.join(folder, "tokens.npy")
     if not (os.path.isfile(meta_path) and os.path.isfile(tokens_path)):
         raise DatasetError(f"{folder!r} is not a feature cache (write one with: python encoder.py --dataset ...)")
-    with open(meta_path) as file:
-        meta = json.load(file)
-    if meta["camera_key"] != camera_key or meta["num_frames"] != total_frames:
+    try:
+        with open(meta_path) as file:
+            meta = json.load(file)
+        cached_key, cached_frames = meta["camera_key"], meta["num_frames"]
+    except (ValueError, KeyError, TypeError):
+        raise DatasetError(f"{meta_path!r} is damaged (not the meta.json python encoder.py writes): encode the "
+                           f"dataset again") from None
+    if cached_key != camera_key or cached_frames != total_frames:
         raise DatasetError(f"feature cache {folder!r} holds {meta['num_frames']} frames of {meta['camera_key']!r}; "
                            f"this dataset has {total_frames} frames of {camera_key!r}")
     return np.load(tokens_path, mmap_mode="r")

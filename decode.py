@@ -35,7 +35,6 @@ Gradients flow through the frozen encoder into the image, never into the encoder
 """
 import argparse
 import dataclasses
-import json
 import os
 import sys
 
@@ -48,10 +47,12 @@ from tqdm import tqdm
 import data
 import encoder as encoder_module
 import sim
-from checkpoint import (CheckpointError, StopRequest, check_finite, check_output_folder, clamp_warmup, is_due,
-                        load_safely, make_optimizer, optimizer_step, restore_training_state, resume_from, save_atomic)
+from checkpoint import (CheckpointError, RunFolder, StopRequest, check_finite, clamp_warmup, is_due, json_line,
+                        load_safely, make_optimizer, optimizer_step, restore_training_state, resume_from)
 
 DECODER_FORMAT = "dreamer-dino-wm-decoder/1"
+DECODER_KEYS = ("step", "model", "config", "token_stats", "encoder", "mean_image")  # what load_decoder needs
+TRAINING_KEYS = DECODER_KEYS + ("optimizer", "scheduler", "metrics")  # and what --resume needs
 TOY_DECODER_DIR = os.path.join("runs", "toy", "decoder")
 
 
@@ -138,7 +139,7 @@ def load_decoder(path, device="cpu", encoder=None):
     """(Decoder in eval mode, checkpoint dict). `encoder`: the {"name_or_path", "pool"} the tokens
     come from (a world-model checkpoint's "encoder"); a decoder of another encoder is refused,
     since it would paint confident nonsense. Raises CheckpointError with a one-line reason."""
-    checkpoint = load_safely(path, DECODER_FORMAT)
+    checkpoint = load_safely(path, DECODER_FORMAT, DECODER_KEYS)
     if encoder is not None and (_encoder_key(encoder) != _encoder_key(checkpoint["encoder"])):
         raise CheckpointError(f"decoder {path!r} was trained on tokens of {checkpoint['encoder']}, "
                               f"these come from {encoder}")
@@ -275,8 +276,8 @@ def build_argument_parser():
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", help=f"output folder (default {TOY_DECODER_DIR} on the toy world, else "
-                                      f"runs/<first dataset>/decoder)")
+    parser.add_argument("--out", help=f"output folder (default: the resumed checkpoint's folder; {TOY_DECODER_DIR} on "
+                                      f"the toy world, else runs/<first dataset>/decoder)")
     parser.add_argument("--resume", metavar="CHECKPOINT", help="continue from a decoder checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="start afresh over an existing output folder")
     return parser
@@ -291,13 +292,19 @@ def parse_arguments(argv=None):
     args.lr = args.lr or PRESET_LR[args.preset]
     if args.toy:
         args.pool = encoder_module.TOY_POOL if args.pool is None else args.pool
-        args.out = args.out or TOY_DECODER_DIR
+        default_out = TOY_DECODER_DIR
     else:
         args.encoder = args.encoder or encoder_module.DEFAULT_ENCODER
         args.pool = 1 if args.pool is None else args.pool
-        args.out = args.out or os.path.join("runs", os.path.basename(os.path.normpath(args.dataset[0])), "decoder")
-    if min(args.steps, args.batch_size, args.val_frames, args.val_every, args.save_every, args.pool) <= 0:
-        parser.error("--steps, --batch-size, --val-frames, --val-every, --save-every and --pool must be positive")
+        default_out = os.path.join("runs", os.path.basename(os.path.normpath(args.dataset[0])), "decoder")
+    # a resumed run writes where its checkpoint lives
+    args.out = args.out or (os.path.dirname(os.path.abspath(args.resume)) if args.resume else default_out)
+    if min(args.steps, args.batch_size, args.val_frames, args.val_every, args.save_every, args.pool,
+           args.stats_batches) <= 0 or args.num_workers < 0 or args.warmup < 0:
+        parser.error("--steps, --batch-size, --val-frames, --val-every, --save-every, --pool and --stats-batches "
+                     "must be positive; --num-workers and --warmup >= 0")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device is available (use --device cpu)")
     if not 0 < args.val_fraction < 1 or args.noise_tau < 0 or args.perceptual < 0:
         parser.error("--val-fraction must be in (0, 1); --noise-tau and --perceptual must be >= 0")
     if args.resume and args.overwrite:
@@ -362,7 +369,7 @@ def write_record(log_file, decoder, held_out, done, loss):
     _, (psnr, l1) = validate(decoder, held_out)
     record = dict(step=done, loss=loss, val_psnr=psnr, val_l1=l1, baseline_psnr=held_out.baseline_psnr,
                   baseline_l1=held_out.baseline_l1)
-    log_file.write(json.dumps(record) + "\n")
+    log_file.write(json_line(record))
     log_file.flush()
     return record
 
@@ -389,8 +396,11 @@ def build_decoder(args, resumed, frozen_encoder, token_stats, mean_image, device
 
 def train(args):
     torch.manual_seed(args.seed)
-    resumed = resume_from(args.resume, DECODER_FORMAT)
-    checkpoint_path = check_output_folder(args.out, args.resume, args.overwrite)
+    resumed = resume_from(args.resume, DECODER_FORMAT, TRAINING_KEYS)
+    if resumed is not None and resumed["step"] >= args.steps:
+        raise SystemExit(f"error: {args.resume} is already at step {resumed['step']}, not before --steps "
+                         f"{args.steps}: nothing to train (pass a larger --steps to continue it)")
+    folder = RunFolder(args.out, args.resume, args.overwrite, resumed_step=resumed and resumed["step"])
     device = torch.device(args.device)
     frozen_encoder, train_set, val_set = load_frames(args, device)
     token_stats, mean_image = measure_statistics(args, resumed, frozen_encoder, train_set, device)
@@ -400,7 +410,7 @@ def train(args):
     print(f"decoder: preset {args.preset}, {sum(p.numel() for p in decoder.parameters()) / 1e6:.2f} M parameters, "
           f"{frozen_encoder.num_tokens} tokens x {decoder.config.token_dim} -> 3 x {decoder.config.image_size}^2; "
           f"held-out mean-image baseline {held_out.baseline_psnr:.2f} dB")
-    log_file = open(os.path.join(args.out, "log.jsonl"), "a")
+    log_file = folder.open_log(resumed and resumed["step"])
     batches = frame_batches(train_set, args.batch_size, args.seed, args.num_workers, start_step)
     progress = tqdm(total=args.steps, initial=start_step, dynamic_ncols=True)
     # step 0: the untrained decoder
@@ -415,7 +425,7 @@ def train(args):
             generator = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step)
             loss = reconstruction_loss(decoder, frozen_encoder, token_stats, frames, tokens, args.noise_tau,
                                        args.perceptual, generator)
-            check_finite(loss, step, checkpoint_path)
+            check_finite(loss, step, folder)
             optimizer_step(loss, decoder, optimizer, scheduler)
             done = step + 1
             if is_due(done, args.val_every, args.steps) or stop.signal_name:
@@ -423,19 +433,19 @@ def train(args):
                 progress.set_postfix(loss=f"{loss.item():.4f}", val_psnr=f"{metrics['val_psnr']:.2f}dB")
             progress.update(1)
             if is_due(done, args.save_every, args.steps) or stop.signal_name:
-                save_atomic(checkpoint_payload(args, done, decoder, optimizer, scheduler, token_stats, mean_image,
-                                               metrics), checkpoint_path)
+                folder.save(checkpoint_payload(args, done, decoder, optimizer, scheduler, token_stats, mean_image,
+                                               metrics), decoder)
             if stop.signal_name:
                 break
     progress.close()
     log_file.close()
     if stop.signal_name:
-        print(f"{stop.signal_name}: stopped after step {step + 1}; continue with --resume {checkpoint_path}")
+        print(f"{stop.signal_name}: stopped after step {step + 1}; continue with --resume {folder.checkpoint_path}")
         return 130
     images, _ = validate(decoder, held_out)
     picture = save_image_strip(os.path.join(args.out, "recon.png"), [held_out.frames[:8], images[:8]],
                                labels=["truth", "decoded"], scale=max(1, 128 // decoder.config.image_size))
-    print(f"checkpoint: {checkpoint_path}; held-out PSNR {metrics['val_psnr']:.2f} dB "
+    print(f"checkpoint: {folder.checkpoint_path}; held-out PSNR {metrics['val_psnr']:.2f} dB "
           f"(mean image {held_out.baseline_psnr:.2f} dB); pictures: {picture}")
     return 0
 

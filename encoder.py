@@ -35,8 +35,10 @@ import itertools
 import json
 import os
 import shutil
+import socket
 import sys
 import time
+import urllib.parse
 
 import numpy as np
 import torch
@@ -55,17 +57,44 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def hub_reachable(timeout=5.0):
+    """Whether the Hugging Face hub answers at all (one TCP connection; assumed yes behind a proxy)."""
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_dinov2(name_or_path):
+    """A DINOv2 from a local folder, the hub cache, or the hub. Without a copy and without the hub, one
+    line saying how to pass a local copy (instead of a minute of download retries)."""
+    from transformers import AutoModel
+    try:
+        return AutoModel.from_pretrained(name_or_path, trust_remote_code=False, local_files_only=True)
+    except (OSError, ValueError) as error:  # missing or malformed folder, or not in the cache yet
+        reason = (str(error).splitlines() or [""])[0]
+    if not os.path.isdir(name_or_path) and os.environ.get("HF_HUB_OFFLINE") != "1" and hub_reachable():
+        try:
+            return AutoModel.from_pretrained(name_or_path, trust_remote_code=False)
+        except (OSError, ValueError) as error:  # unknown or malformed hub id
+            reason = (str(error).splitlines() or [""])[0]
+    elif not os.path.isdir(name_or_path):
+        reason = (f"not in the local cache, and the hub cannot be reached; download it where there is a network "
+                  f"(huggingface-cli download {name_or_path} --local-dir DIR) and pass --encoder DIR")
+    raise OSError(f"cannot load DINOv2 {name_or_path!r}: {reason}")
+
+
 class Encoder(nn.Module):
     """Frozen DINOv2 patch tokens. Attributes: image_size, token_dim D, num_tokens N, grid (h, w),
     name_or_path, pool."""
 
     def __init__(self, name_or_path=DEFAULT_ENCODER, pool=1, image_size=None):
         super().__init__()
-        from transformers import AutoModel
-        try:
-            self.model = AutoModel.from_pretrained(name_or_path, trust_remote_code=False)
-        except (OSError, ValueError) as error:  # missing folder, unknown or malformed hub id, offline
-            raise OSError(f"cannot load DINOv2 {name_or_path!r}: {str(error).splitlines()[0]}") from None
+        self.model = load_dinov2(name_or_path)
         config = self.model.config
         if config.model_type not in ("dinov2", "dinov2_with_registers"):
             raise OSError(f"{name_or_path!r} is a {config.model_type!r} model, not DINOv2")
@@ -147,38 +176,65 @@ class TokenStats(Stats):
 # Feature cache: encode every frame of a dataset once.
 
 
-def write_feature_cache(source, out, encoder, camera_key, batch_size=64, num_workers=0, device="cpu"):
+def check_cache_destination(out, overwrite=False):
+    """A folder that is not a cache is never replaced; a finished cache only with overwrite=True (on
+    DROID one typo in --out would otherwise delete days of encoding)."""
+    if not os.path.exists(out):
+        return
+    meta_path = os.path.join(out, "meta.json")
+    if not os.path.isfile(meta_path):
+        raise data.DatasetError(f"{out!r} exists and is not a feature cache; choose another --out")
+    if not overwrite:
+        with open(meta_path) as file:
+            source = json.load(file).get("source", "?")
+        raise data.DatasetError(f"{out!r} already holds a feature cache (of {source}); pass --overwrite to "
+                                f"replace it, or choose another --out")
+
+
+def write_feature_cache(source, out, encoder, camera_key, batch_size=64, num_workers=0, device="cpu",
+                        overwrite=False):
     """tokens.npy (total_frames, N, D) float16 with row i = absolute frame i, plus meta.json and
-    token_stats.json. Written into `<out>.partial` and renamed at the end: never half a cache."""
+    token_stats.json. Written into `<out>.partial` and renamed at the end: never half a cache (a
+    failure removes the partial folder)."""
+    check_cache_destination(out, overwrite)
     frames = data.ClipDataset(source, role="unlabeled", camera_key=camera_key, clip_length=1,
                               image_size=encoder.image_size)
-    if os.path.exists(out) and not os.path.isfile(os.path.join(out, "meta.json")):
-        raise data.DatasetError(f"{out!r} exists and is not a feature cache; choose another --out")
     partial = out.rstrip("/") + ".partial"
     os.makedirs(partial, exist_ok=True)
+    try:
+        seconds, position = encode_frames(frames, encoder, partial, batch_size, num_workers, device)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    with open(os.path.join(partial, "meta.json"), "w") as file:
+        json.dump(dict(source=source, encoder=encoder.name_or_path, pool=encoder.pool, camera_key=camera_key,
+                       image_size=encoder.image_size, num_frames=frames.metadata.total_frames, seconds=seconds),
+                  file, indent=1)
+    if os.path.isdir(out):
+        shutil.rmtree(out)
+    os.replace(partial, out)
+    return out, position / seconds
+
+
+def encode_frames(frames, encoder, folder, batch_size, num_workers, device):
+    """Every frame of a 1-frame ClipDataset into <folder>/tokens.npy, and token_stats.json.
+    Returns (seconds, frames encoded)."""
     total = frames.metadata.total_frames
-    tokens = np.lib.format.open_memmap(os.path.join(partial, "tokens.npy"), mode="w+", dtype=np.float16,
+    tokens = np.lib.format.open_memmap(os.path.join(folder, "tokens.npy"), mode="w+", dtype=np.float16,
                                        shape=(total, encoder.num_tokens, encoder.token_dim))
     loader = torch.utils.data.DataLoader(frames, batch_size=batch_size, num_workers=num_workers)
     moments = Moments()
     start_time = time.perf_counter()
     position = 0
-    for batch in tqdm(loader, desc=f"encoding {source}", unit="batch"):
+    for batch in tqdm(loader, desc=f"encoding {frames.source}", unit="batch"):
         encoded = encoder(batch["frames"][:, 0].to(device)).cpu()  # (B, N, D)
         rows = frames.absolute_index[frames.starts[position:position + len(encoded)]]
         tokens[rows] = encoded.numpy().astype(np.float16)
         moments.add(encoded)
         position += len(encoded)
     tokens.flush()
-    seconds = time.perf_counter() - start_time
-    moments.stats(TokenStats).save(os.path.join(partial, "token_stats.json"))
-    with open(os.path.join(partial, "meta.json"), "w") as file:
-        json.dump(dict(source=source, encoder=encoder.name_or_path, pool=encoder.pool, camera_key=camera_key,
-                       image_size=encoder.image_size, num_frames=total, seconds=seconds), file, indent=1)
-    if os.path.isdir(out):
-        shutil.rmtree(out)
-    os.replace(partial, out)
-    return out, position / seconds
+    moments.stats(TokenStats).save(os.path.join(folder, "token_stats.json"))
+    return time.perf_counter() - start_time, position
 
 
 def ensure_feature_cache(source, out, name_or_path, pool, camera_key):
@@ -189,7 +245,7 @@ def ensure_feature_cache(source, out, name_or_path, pool, camera_key):
             meta = json.load(file)
         if (meta["encoder"], meta["pool"], meta["camera_key"]) == (name_or_path, pool, camera_key):
             return out
-    return write_feature_cache(source, out, Encoder(name_or_path, pool), camera_key)[0]
+    return write_feature_cache(source, out, Encoder(name_or_path, pool), camera_key, overwrite=True)[0]
 
 
 def main(argv=None):
@@ -202,14 +258,21 @@ def main(argv=None):
     parser.add_argument("--image-size", type=int, help="input size in pixels (default: 224, or the model's if smaller)")
     parser.add_argument("--camera-key", default="observation.images.exterior_1_left")
     parser.add_argument("--out", required=True, help="cache folder to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing feature cache in --out")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    if min(args.pool, args.batch_size, args.image_size or 1) < 1 or args.num_workers < 0:
+        parser.error("--pool, --batch-size and --image-size must be positive, --num-workers >= 0")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device is available (use --device cpu)")
     try:
+        check_cache_destination(args.out, args.overwrite)  # before any model or video is loaded
+        data.load_metadata(args.dataset)
         encoder = Encoder(args.encoder, pool=args.pool, image_size=args.image_size).to(args.device)
         out, frames_per_second = write_feature_cache(args.dataset, args.out, encoder, args.camera_key,
-                                                     args.batch_size, args.num_workers, args.device)
+                                                     args.batch_size, args.num_workers, args.device, args.overwrite)
     except (data.DatasetError, OSError, ValueError) as error:
         raise SystemExit(f"error: {error}")
     print(f"wrote {out} ({frames_per_second:.0f} frames/s); train with --feature-cache")

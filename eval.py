@@ -49,7 +49,7 @@ import data
 import encoder as encoder_module
 import sim
 from cem import PLANNER_SIZES, CEMPlanner, LearnedModel, MPCPolicy, RandomPolicy, SimOracle
-from checkpoint import TOY_RUN_DIR, CheckpointError, load_world_model
+from checkpoint import TOY_RUN_DIR, CheckpointError, load_world_model, writable_folder
 from decode import load_decoder, save_gif, save_image_strip
 from shortcut import rollout
 
@@ -75,7 +75,7 @@ def held_out_clips(checkpoint, frozen_encoder, dataset_source, clip_length, max_
     args = checkpoint["train_args"]
     source = dataset_source or args["labeled"]
     common = dict(role="labeled", camera_key=args["camera_key"], state_keys=tuple(args["state_keys"]),
-                  clip_length=clip_length, frame_stride=args["frame_stride"],
+                  clip_length=clip_length, frame_stride=args.get("strides", {}).get("labeled", args["frame_stride"]),
                   image_size=frozen_encoder.image_size)
     full = data.ClipDataset(source, **common)
     if dataset_source is None:  # the checkpoint's own labelled data: only its validation episodes
@@ -352,10 +352,11 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=1,
                         help="clips, response situations and start/goal pairs (the tests use seed 0)")
     args = parser.parse_args(argv)
-    if args.context < 1 or args.horizon < 1:
-        parser.error("--context and --horizon must be at least 1")
+    if min(args.context, args.horizon, args.clips, args.pairs, args.K) < 1:
+        parser.error("--context, --horizon, --clips, --pairs and --K must be at least 1")
+    out = writable_folder(args.out or os.path.join(os.path.dirname(args.checkpoint), "eval"))  # before the work
     try:
-        evaluate(args.checkpoint, args.out or os.path.join(os.path.dirname(args.checkpoint), "eval"),
+        evaluate(args.checkpoint, out,
                  args.dataset, args.decoder, args.context, args.horizon, args.clips, args.pairs, args.K,
                  closed_loop=not args.no_closed_loop, seed=args.seed, task=args.task, planner_size=args.planner)
     except (CheckpointError, data.DatasetError) as error:

@@ -27,7 +27,7 @@ from PIL import Image, UnidentifiedImageError
 import data
 import sim
 from cem import PLANNER_SIZES, CEMPlanner, LearnedModel, MPCPolicy, PlanningError
-from checkpoint import TOY_RUN_DIR, CheckpointError
+from checkpoint import TOY_RUN_DIR, CheckpointError, writable_folder
 from decode import TOY_DECODER_DIR, load_decoder, save_image_strip
 
 DEFAULT_CHECKPOINT = os.path.join(TOY_RUN_DIR, "checkpoint.pt")
@@ -41,9 +41,9 @@ def read_image(path, size):
         with Image.open(path) as image:
             original = f"{image.width}x{image.height} {image.mode}"
             pixels = np.asarray(image.convert("RGB"))
-    except (OSError, UnidentifiedImageError, ValueError) as error:
-        raise SystemExit(f"error: cannot read image {path!r} ({type(error).__name__}: "
-                         f"{str(error).splitlines()[0][:120]})") from None
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
+        reason = (str(error).splitlines() or [""])[0][:120]  # DecompressionBombError: a huge image
+        raise SystemExit(f"error: cannot read image {path!r} ({type(error).__name__}: {reason})") from None
     if original != f"{size}x{size} RGB":
         print(f"note: {path} is {original}: converted to RGB, resized to {size}x{size} (the encoder's input)",
               file=sys.stderr)
@@ -195,8 +195,26 @@ def toy_loop(args, learned, goal_image):
     return report
 
 
+def check_arguments(parser, args):
+    """Bad values stop here, before the model loads or the search runs."""
+    counts = dict(horizon=args.horizon, samples=args.samples, top_k=args.top_k, iterations=args.iterations, K=args.K)
+    for name, value in counts.items():
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if min(args.max_steps, args.context_frames, args.replan_every) < 1 or args.sigma <= 0 or args.max_sigma <= 0:
+        parser.error("--max-steps, --context-frames and --replan-every must be at least 1; --sigma and "
+                     "--max-sigma positive")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device is available (use --device cpu)")
+    for path in (args.out, args.save):
+        if path:
+            writable_folder(os.path.dirname(path) or ".")
+
+
 def main(argv=None):
-    args = build_argument_parser().parse_args(argv)
+    parser = build_argument_parser()
+    args = parser.parse_args(argv)
+    check_arguments(parser, args)
     if args.obs is None and not os.path.isfile(args.checkpoint) and args.checkpoint == DEFAULT_CHECKPOINT:
         raise SystemExit(f"error: --obs is required (current camera frame(s)) unless a toy-world checkpoint "
                          f"exists: {DEFAULT_CHECKPOINT} is missing (python train.py makes it)")
@@ -217,7 +235,6 @@ def main(argv=None):
     except (PlanningError, ValueError) as error:
         raise SystemExit(f"error: {error}")
     if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as file:
             json.dump(report, file, indent=1)
         print(f"wrote {args.out}")

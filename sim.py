@@ -320,10 +320,12 @@ def write_goal_images(directory="goals", n=4, seed=0):
 # Datasets.
 
 
-def write_toy_dataset(root, episodes, steps_per_episode=40, seed=0, explore=0.0, video=False, repo_id="toy/ee_world"):
+def write_toy_dataset(root, episodes, steps_per_episode=40, seed=0, explore=0.0, video=False, repo_id="toy/ee_world",
+                      fps=FPS):
     """A LeRobot v3.0 dataset of `episodes` random trajectories (random_trajectory with `explore`).
     `action[t]` is the delta EE from frame t to t+1 (zero on the last frame). Written into
-    `<root>.partial`, renamed when done; toy_spec.json in the root records the arguments.
+    `<root>.partial`, renamed when done; toy_spec.json in the root records the arguments. `fps`: the
+    rate the dataset declares (the motion per frame is the same at any rate; tests of mixed rates).
 
     Frames are stored losslessly (PNG, LeRobot "image" features) unless video=True (AV1 mp4, as
     DROID stores them). The demo stores them losslessly because the toy's stand-in encoder, a tiny
@@ -342,7 +344,7 @@ def write_toy_dataset(root, episodes, steps_per_episode=40, seed=0, explore=0.0,
     }
     temporary = f"{root}.partial"
     shutil.rmtree(temporary, ignore_errors=True)
-    dataset = LeRobotDataset.create(repo_id, FPS, features, root=temporary, robot_type="toy_ee", use_videos=video)
+    dataset = LeRobotDataset.create(repo_id, fps, features, root=temporary, robot_type="toy_ee", use_videos=video)
     rng = np.random.default_rng(seed)
     for episode in range(episodes):
         poses = random_trajectory(rng, steps_per_episode, explore=explore)
@@ -356,7 +358,7 @@ def write_toy_dataset(root, episodes, steps_per_episode=40, seed=0, explore=0.0,
     dataset.finalize()
     with open(os.path.join(temporary, "toy_spec.json"), "w") as file:
         json.dump(dict(episodes=episodes, steps_per_episode=steps_per_episode, seed=seed, explore=explore,
-                       video=video), file)
+                       video=video, **({} if fps == FPS else dict(fps=fps))), file)
     os.replace(temporary, root)
     return root
 

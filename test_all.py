@@ -1045,7 +1045,7 @@ def test_train_bad_input_fails_with_one_clear_line(toy_train_run, tmp_path):
     torch.save({"weights": torch.zeros(3)}, foreign)
     code, line = run(with_out(tmp_path / "c", "--resume", str(foreign)))
     assert code != 0 and "not a checkpoint of this project" in line
-    other_config = with_out(tmp_path / "d", "--resume", str(checkpoint), "--time-every", "2")
+    other_config = with_out(tmp_path / "d", "--resume", str(checkpoint), "--time-every", "2", "--steps", "8")
     code, line = run(other_config)
     assert code != 0 and "another configuration" in line
     code, line = run(["--labeled", str(argv[1])])
@@ -1055,7 +1055,7 @@ def test_train_bad_input_fails_with_one_clear_line(toy_train_run, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     code, line = run(with_out(blocker / "run"))
-    assert code != 0 and "cannot write to output folder" in line
+    assert code != 0 and "cannot write to" in line
     code, line = run(with_out(tmp_path / "f")[:0] + ["--labeled", "nobody/not-a-dataset", "--unlabeled",
                                                      "nobody/not-a-dataset-either", "--encoder", argv[5], "--out", str(tmp_path / "f")])
     assert code != 0 and line.startswith("error:") and "nobody/not-a-dataset" in line
@@ -1340,12 +1340,231 @@ def test_decode_bad_input_fails_with_one_clear_line(toy_decoder_run, tmp_path):
     foreign = tmp_path / "foreign.pt"
     torch.save({"format": "dreamer-dino-wm/1"}, foreign)  # a world-model checkpoint is no decoder
     fails(with_out(tmp_path / "b", "--resume", str(foreign)), "not a checkpoint of this project")
-    fails(with_out(tmp_path / "c", "--resume", checkpoint, "--preset", "base"), "another configuration")
+    fails(with_out(tmp_path / "c", "--resume", checkpoint, "--preset", "base", "--steps", "160"), "another configuration")
     encoder_dir = argv[argv.index("--encoder") + 1]
     fails(["--train", "--dataset", "nobody/not-a-dataset", "--encoder", encoder_dir, "--out", str(tmp_path / "d")],
           "nobody/not-a-dataset")
     with pytest.raises(decode_module.CheckpointError, match="trained on tokens of"):
         decode_module.load_decoder(checkpoint, encoder={"name_or_path": "facebook/dinov2-small", "pool": 2})
+
+# ==== bad input and faults ====
+# One table: what a hostile-but-fair user might pass, the exit code and message fragment expected, and
+# what must be left unchanged on disk. Each case runs the program's main() in-process (argparse errors
+# exit 2, ours 1 with one line); `after` checks what the case left behind.
+
+
+class Battery:
+    """What the cases are built from: the reference run of toy_train_run, the toy datasets, a scratch folder."""
+
+    def __init__(self, toy_train_run, toy_labeled_root, toy_unlabeled_root, tiny_dinov2_dir, tmp_path):
+        self.argv, self.run = toy_train_run
+        self.checkpoint = str(self.run / "checkpoint.pt")
+        self.labeled, self.unlabeled, self.encoder, self.tmp = toy_labeled_root, toy_unlabeled_root, tiny_dinov2_dir, tmp_path
+
+    def train(self, out, *extra, steps=6):
+        """The reference run's arguments, writing to `out` (None: no --out at all)."""
+        argv = _elsewhere(self.argv, self.run, out)
+        argv[argv.index("--steps") + 1] = str(steps)
+        if out is None:
+            del argv[argv.index("--out"):argv.index("--out") + 2]
+        return argv + list(extra)
+
+    def copy_of_run(self, name="copy"):
+        import shutil
+        return shutil.copytree(self.run, self.tmp / name)
+
+    def checkpoint_with(self, change, name):
+        payload = torch.load(self.checkpoint, weights_only=True)
+        change(payload)
+        torch.save(payload, self.tmp / name)
+        return str(self.tmp / name)
+
+    def blocked(self, name):
+        """A path below a regular file: no folder can ever be made there."""
+        (self.tmp / "a_file").write_text("not a folder")
+        return str(self.tmp / "a_file" / name)
+
+
+def _huge_png(path, side=15000):
+    """A PNG whose header declares side x side pixels (no pixel data needed to trip the size check)."""
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    with open(path, "wb") as file:
+        file.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0))
+                   + chunk(b"IEND", b""))
+    return str(path)
+
+
+def _full_disk_after(saves):
+    """A torch.save that writes part of the file and then fails like a full disk, after `saves` good saves."""
+    original, calls = torch.save, []
+
+    def save(payload, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) > saves:
+            with open(path, "wb") as file:
+                file.write(b"partial")
+            raise OSError(28, "No space left on device")
+        return original(payload, path, *args, **kwargs)
+    return save
+
+
+def _logged_steps(folder):
+    return [json.loads(line)["step"] for line in open(os.path.join(folder, "log.jsonl"))]
+
+
+# name: (setup(b) -> (main, argv), exit code, message fragment, paths that must not change (from b), after(b))
+BAD_INPUTS = {
+    "resume_writes_where_its_checkpoint_lives": (
+        lambda b: (train_module.main, b.train(None, "--resume", str(b.copy_of_run() / "checkpoint.pt"), steps=7)),
+        0, None, lambda b: [b.run],
+        lambda b: checkpoint_module.load_safely(str(b.tmp / "copy" / "checkpoint.pt"))["step"] == 7
+        and _logged_steps(b.tmp / "copy") == list(range(1, 8))),
+    "out_is_a_folder_of_other_things": (
+        lambda b: ((b.tmp / "mydocs").mkdir(), (b.tmp / "mydocs" / "log.jsonl").write_text("mine\n"),
+                   (train_module.main, b.train(b.tmp / "mydocs")))[-1],
+        1, "not a run folder", lambda b: [b.tmp / "mydocs"], None),
+    "encoder_out_is_another_datasets_cache": (
+        lambda b: (encoder_module.write_feature_cache(b.unlabeled, str(b.tmp / "cache"), encoder_module.Encoder(
+            b.encoder, pool=2), data_module.CAMERA_KEY), (encoder_module.main, [
+                "--dataset", b.labeled, "--encoder", b.encoder, "--pool", "2", "--out", str(b.tmp / "cache")]))[-1],
+        1, "already holds a feature cache", lambda b: [b.tmp / "cache"], None),
+    "diverging_run_saves_nothing_non_finite": (
+        lambda b: (train_module.main, b.train(b.tmp / "inf", "--lr", "inf", "--save-every", "1")),
+        1, "No checkpoint of this run was saved", lambda b: [b.run],
+        lambda b: not (b.tmp / "inf" / "checkpoint.pt").exists()),
+    "resume_of_nan_weights": (
+        lambda b: (train_module.main, b.train(b.tmp / "n", "--resume", b.checkpoint_with(
+            lambda p: [t.fill_(float("nan")) for t in p["model"].values() if t.is_floating_point()], "nan.pt"),
+            steps=8)),
+        1, "NaN or infinite weights", lambda b: [b.run], None),
+    "disk_full_at_the_second_save": (
+        lambda b: (train_module.main, b.train(b.tmp / "full")), 1, "step 2, is intact", lambda b: [b.run],
+        lambda b: checkpoint_module.load_safely(str(b.tmp / "full" / "checkpoint.pt"))["step"] == 2
+        and not [name for name in os.listdir(b.tmp / "full") if ".tmp-" in name]),
+    "same_dataset_in_both_roles": (
+        lambda b: (train_module.main, b.train(b.tmp / "same", "--unlabeled", b.labeled, steps=2)),
+        0, "plays both roles", lambda b: [b.run], None),
+    "datasets_at_different_rates": (
+        lambda b: (train_module.main, b.train(b.tmp / "rates", "--labeled", sim.write_toy_dataset(
+            str(b.tmp / "fast"), episodes=3, steps_per_episode=20, seed=5, fps=30))),
+        1, "pass --fps 15", lambda b: [b.run], None),
+    "datasets_at_different_rates_with_fps": (
+        lambda b: (train_module.main, b.train(b.tmp / "rates", "--fps", "15", "--steps", "2", "--labeled",
+                                              sim.write_toy_dataset(str(b.tmp / "fast"), episodes=3,
+                                                                    steps_per_episode=20, seed=5, fps=30))),
+        0, None, lambda b: [b.run],
+        lambda b: checkpoint_module.load_safely(str(b.tmp / "rates" / "checkpoint.pt"))["train_args"]["strides"]
+        == {"labeled": 2, "unlabeled": 1}),
+    "plan_with_zero_iterations": (
+        lambda b: (plan_module.main, ["--checkpoint", b.checkpoint, "--goal", "g.png", "--iterations", "0"]),
+        2, "--iterations must be at least 1", lambda b: [], None),
+    "resume_beyond_steps": (
+        lambda b: (train_module.main, b.train(b.tmp / "r", "--resume", b.checkpoint, steps=5)),
+        1, "already at step 6", lambda b: [b.run], None),
+    "resume_cuts_the_log_back": (  # the killed run had logged steps 7 and 8 after its last save, at 6
+        lambda b: (b.copy_of_run(), open(b.tmp / "copy" / "log.jsonl", "a").write('{"step": 7}\n{"step": 8}\n'),
+                   (train_module.main, b.train(None, "--resume", str(b.tmp / "copy" / "checkpoint.pt"), steps=8)))[-1],
+        0, None, lambda b: [b.run], lambda b: _logged_steps(b.tmp / "copy") == list(range(1, 9))),
+    "offline_droid_fails_before_the_encoder": (
+        lambda b: (train_module.main, ["--labeled", "droid_subset", "--unlabeled", "droid", "--out",
+                                       str(b.tmp / "droid")]),
+        1, "cannot reach dataset", lambda b: [], None),
+    "save_every_0": (lambda b: (train_module.main, b.train(b.tmp / "x", "--save-every", "0")), 2,
+                     "--save-every must be positive", lambda b: [], None),
+    "log_every_0": (lambda b: (train_module.main, b.train(b.tmp / "x", "--log-every", "0")), 2,
+                    "--log-every must be positive", lambda b: [], None),
+    "val_batches_0": (lambda b: (train_module.main, b.train(b.tmp / "x", "--val-batches", "0")), 2,
+                      "--val-batches must be positive", lambda b: [], None),
+    "pool_0": (lambda b: (train_module.main, b.train(b.tmp / "x", "--pool", "0")), 2, "--pool must be positive",
+               lambda b: [], None),
+    "pool_3_on_the_toy_grid": (lambda b: (train_module.main, b.train(b.tmp / "x", "--pool", "3")), 1,
+                               "pool 3 does not divide", lambda b: [], None),
+    "num_workers_negative": (lambda b: (train_module.main, b.train(b.tmp / "x", "--num-workers", "-1")), 2,
+                             "--num-workers", lambda b: [], None),
+    "cuda_without_a_gpu": (lambda b: (train_module.main, b.train(b.tmp / "x", "--device", "cuda")), 2,
+                           "no CUDA device", lambda b: [], None),
+    "val_fraction_0": (lambda b: (train_module.main, b.train(b.tmp / "x", "--val-fraction", "0")), 2,
+                       "--val-fraction 0 holds out no episode", lambda b: [], None),
+    "feature_cache_with_empty_meta": (
+        lambda b: ((b.tmp / "c1").mkdir(), (b.tmp / "c1" / "meta.json").write_text("{}"),
+                   np.save(b.tmp / "c1" / "tokens.npy", np.zeros(1)),
+                   (train_module.main, b.train(b.tmp / "x", "--feature-cache", str(b.tmp / "c1"), str(b.tmp / "c1"))))[-1],
+        1, "is damaged", lambda b: [], None),
+    "resume_of_an_empty_file": (
+        lambda b: ((b.tmp / "empty.pt").write_bytes(b""), (train_module.main, b.train(
+            b.tmp / "x", "--resume", str(b.tmp / "empty.pt"), steps=8)))[-1],
+        1, "cannot read checkpoint", lambda b: [], None),
+    "resume_of_a_checkpoint_missing_keys": (
+        lambda b: (train_module.main, b.train(b.tmp / "x", "--resume", b.checkpoint_with(
+            lambda p: p.pop("optimizer"), "partial.pt"), steps=8)),
+        1, "lacks optimizer", lambda b: [], None),
+    "plan_with_a_checkpoint_missing_keys": (
+        lambda b: (plan_module.main, ["--checkpoint", b.checkpoint_with(lambda p: p.pop("model_config"), "p.pt"),
+                                      "--goal", "g.png"]),
+        1, "lacks model_config", lambda b: [], None),
+    "plan_with_a_huge_goal_image": (
+        lambda b: (plan_module.main, ["--checkpoint", b.checkpoint, "--goal", _huge_png(b.tmp / "huge.png"),
+                                      "--obs", _huge_png(b.tmp / "huge.png")]),
+        1, "DecompressionBombError", lambda b: [], None),
+    "plan_out_cannot_be_written": (
+        lambda b: (plan_module.main, ["--checkpoint", b.checkpoint, "--goal", "g.png", "--out", b.blocked("p.json")]),
+        1, "cannot write to", lambda b: [], None),
+    "encoder_pool_0": (lambda b: (encoder_module.main, ["--dataset", b.labeled, "--pool", "0", "--out",
+                                                         str(b.tmp / "c")]), 2, "--pool", lambda b: [], None),
+    "eval_clips_0": (lambda b: (eval_module.main, ["--checkpoint", b.checkpoint, "--clips", "0"]), 2, "--clips",
+                     lambda b: [], None),
+    "eval_K_0": (lambda b: (eval_module.main, ["--checkpoint", b.checkpoint, "--K", "0"]), 2, "--K",
+                 lambda b: [], None),
+    "eval_out_cannot_be_written": (
+        lambda b: (eval_module.main, ["--checkpoint", b.checkpoint, "--out", b.blocked("eval")]), 1,
+        "cannot write to", lambda b: [], None),
+}
+
+
+def _digest(paths):
+    """File name -> bytes of every file under `paths` (what must be left unchanged)."""
+    files = {}
+    for path in map(str, paths):
+        for folder, _, names in os.walk(path) if os.path.isdir(path) else [(os.path.dirname(path), [], [path])]:
+            for name in names:
+                with open(os.path.join(folder, name), "rb") as file:
+                    files[os.path.join(folder, name)] = file.read()
+    return files
+
+
+@SLOW
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_and_faults_one_line_nothing_lost(case, toy_train_run, toy_labeled_root, toy_unlabeled_root,
+                                                    tiny_dinov2_dir, tmp_path, capsys, monkeypatch):
+    setup, expected_code, fragment, protected, after = BAD_INPUTS[case]
+    battery = Battery(toy_train_run, toy_labeled_root, toy_unlabeled_root, tiny_dinov2_dir, tmp_path)
+    monkeypatch.chdir(tmp_path)  # whatever a case writes by default lands here, never in the repository
+    main, argv = setup(battery)
+    before = _digest(protected(battery))
+    if case == "disk_full_at_the_second_save":
+        monkeypatch.setattr(checkpoint_module.torch, "save", _full_disk_after(1))
+    try:
+        code, message = main(argv), ""
+    except SystemExit as stop:
+        code, message = (stop.code, "") if isinstance(stop.code, int) else (1, stop.code)
+    output = capsys.readouterr()
+    said = message or (output.err.strip().splitlines() or [""])[-1]
+    assert code == expected_code, (code, said, output.err[-2000:])
+    if fragment:
+        assert fragment in said or fragment in output.err, said
+        assert "\n" not in message and "Traceback" not in output.err
+    assert _digest(protected(battery)) == before  # nothing lost or overwritten
+    assert after is None or after(battery), case
+
+
+def test_log_lines_are_json_even_for_nan():
+    assert checkpoint_module.json_line(dict(step=3, loss=float("nan"), grad=float("inf"))) == \
+        '{"step": 3, "loss": null, "grad": null}\n'
+
 
 # ==== eval ====
 

@@ -36,7 +36,6 @@ writes checkpoints and logs.
 import argparse
 import contextlib
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -48,8 +47,8 @@ from tqdm import tqdm
 import data
 import encoder as encoder_module
 import sim
-from checkpoint import (CHECKPOINT_FORMAT, TOY_RUN_DIR, StopRequest, check_finite, check_output_folder, clamp_warmup,
-                        is_due, make_optimizer, optimizer_step, restore_training_state, resume_from, save_atomic)
+from checkpoint import (CHECKPOINT_FORMAT, TOY_RUN_DIR, RunFolder, StopRequest, check_finite, clamp_warmup, is_due,
+                        json_line, make_optimizer, optimizer_step, restore_training_state, resume_from)
 from dynamics import DynamicsConfig, DynamicsModel, PRESETS
 from shortcut import shortcut_forcing_loss
 
@@ -91,7 +90,10 @@ def build_argument_parser():
                        default=["observation.state.cartesian_position", "observation.state.gripper_position"],
                        help="state keys whose concatenation is (x, y, z, roll, pitch, yaw, gripper)")
     group.add_argument("--clip-length", type=int, default=8, help="frames per training clip (T)")
-    group.add_argument("--frame-stride", type=int, default=1, help="dataset frames between clip frames")
+    group.add_argument("--frame-stride", type=int, default=1,
+                       help="frames between clip frames, at --fps (default: the datasets' common rate)")
+    group.add_argument("--fps", type=float, help="common frame rate of clips when the datasets' rates differ: each "
+                                                 "set is read every (its fps / --fps) frames")
     group.add_argument("--val-fraction", type=float, default=0.1, help="episodes held out for validation")
     group.add_argument("--streaming", action="store_true", help="stream from the hub instead of downloading")
     group.add_argument("--feature-cache", nargs=2, metavar=("LABELED_DIR", "UNLABELED_DIR"),
@@ -135,7 +137,8 @@ def build_argument_parser():
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     group = parser.add_argument_group("output")
-    group.add_argument("--out", help="run folder (default runs/toy for the demo, runs/<name> otherwise)")
+    group.add_argument("--out", help="run folder (default: the resumed checkpoint's folder; runs/toy for the demo, "
+                                     "runs/<name> otherwise)")
     group.add_argument("--resume", metavar="CHECKPOINT", help="continue a run from its checkpoint")
     group.add_argument("--overwrite", action="store_true", help="start afresh over an existing run folder")
     group.add_argument("--save-every", type=int, default=1000)
@@ -159,7 +162,7 @@ def parse_arguments(argv=None):
     args = parser.parse_args(argv)
     if args.toy or (args.labeled is None and args.unlabeled is None):
         # The toy world: parse again with the toy defaults, so that flags given explicitly still win.
-        parser.set_defaults(toy=True, out=TOY_RUN_DIR, **TOY_DEFAULTS)
+        parser.set_defaults(toy=True, **TOY_DEFAULTS)
         args = parser.parse_args(argv)
     elif args.labeled is None or args.unlabeled is None:
         parser.error("pass both --labeled and --unlabeled (or neither, for the toy demo)")
@@ -167,14 +170,27 @@ def parse_arguments(argv=None):
         parser.error("--labeled-fraction must be in [0, 1]")
     if args.clip_length < 2:
         parser.error("--clip-length must be at least 2 (the model predicts frame t from frames < t)")
-    if args.steps <= 0 or args.batch_size <= 0:
-        parser.error("--steps and --batch-size must be positive")
+    positive = dict(steps=args.steps, batch_size=args.batch_size, save_every=args.save_every, log_every=args.log_every,
+                    val_batches=args.val_batches, frame_stride=args.frame_stride, pool=args.pool,
+                    stats_batches=args.stats_batches, fps=args.fps or 1)
+    for name, value in positive.items():
+        if value <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
+    if args.num_workers < 0 or args.val_every < 0 or args.warmup < 0:
+        parser.error("--num-workers, --val-every and --warmup must be >= 0")
+    if not 0 <= args.val_fraction < 1:
+        parser.error("--val-fraction must be in [0, 1)")
+    if args.val_fraction == 0 and args.val_every > 0:
+        parser.error("--val-fraction 0 holds out no episode to validate on: pass --val-every 0 as well")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device is available (use --device cpu)")
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite contradict each other")
     args.warmup = clamp_warmup(args.warmup, args.steps)
-    if args.out is None:
-        name = os.path.basename(os.path.normpath(args.unlabeled)).replace("/", "_")
-        args.out = os.path.join("runs", name)
+    if args.out is None:  # a resumed run writes where its checkpoint lives
+        name = os.path.basename(os.path.normpath(args.unlabeled)).replace("/", "_") if not args.toy else None
+        args.out = (os.path.dirname(os.path.abspath(args.resume)) if args.resume else
+                    TOY_RUN_DIR if args.toy else os.path.join("runs", name))
     return args
 
 
@@ -223,18 +239,39 @@ def prepare_toy_data(args):
             args.encoder, args.pool, args.camera_key) for root in (args.labeled, args.unlabeled)]
 
 
+def frame_strides(args):
+    """Dataset frames between clip frames, per role: --frame-stride at one common rate (--fps, or the
+    datasets' own when they agree). Reads only the datasets' metadata: a missing dataset stops the run
+    here, before any model is loaded."""
+    rates = {role: data.load_metadata(source)[3].fps for role, source in
+             (("labeled", args.labeled), ("unlabeled", args.unlabeled))}
+    fps = args.fps or (rates["labeled"] if rates["labeled"] == rates["unlabeled"] else None)
+    if fps is None:
+        raise data.DatasetError(f"the labelled set runs at {rates['labeled']:g} fps and the action-free set at "
+                                f"{rates['unlabeled']:g} fps: pass --fps {min(rates.values()):g} to read both at one rate")
+    strides = {}
+    for role, rate in rates.items():
+        stride = args.frame_stride * rate / fps
+        if round(stride) < 1 or abs(stride - round(stride)) > 1e-6:
+            raise data.DatasetError(f"the {role} set's {rate:g} fps is not a whole multiple of {fps:g} fps "
+                                    f"(--fps {fps:g} x --frame-stride {args.frame_stride})")
+        strides[role] = round(stride)
+    return strides
+
+
 def build_datasets(args, image_size):
-    """Training and validation ClipDatasets for both roles, split by episode."""
+    """Training and validation ClipDatasets for both roles, split by episode (no validation sets
+    when --val-every is 0)."""
     caches = args.feature_cache or (None, None)
     datasets = {}
     for role, source, cache in (("labeled", args.labeled, caches[0]), ("unlabeled", args.unlabeled, caches[1])):
         common = dict(role=role, camera_key=args.camera_key, state_keys=tuple(args.state_keys),
-                      clip_length=args.clip_length, frame_stride=args.frame_stride,
+                      clip_length=args.clip_length, frame_stride=args.strides[role],
                       image_size=image_size, streaming=args.streaming, feature_cache=cache)
         full = data.ClipDataset(source, **common)
         train_episodes, val_episodes = data.split_episodes(full.episodes, args.val_fraction, args.seed)
         datasets[role] = (data.ClipDataset(source, episodes=train_episodes, **common),
-                          data.ClipDataset(source, episodes=val_episodes, **common))
+                          data.ClipDataset(source, episodes=val_episodes, **common) if args.val_every else None)
     return datasets
 
 
@@ -275,22 +312,32 @@ class Run:
 
 
 def check_resumable(args, resumed):
-    if resumed is not None and (resumed["train_args"]["preset"] != args.preset or resumed["toy"] != args.toy):
+    if resumed is None:
+        return
+    if resumed["train_args"]["preset"] != args.preset or resumed["toy"] != args.toy:
         raise SystemExit(f"error: {args.resume} was trained with preset "
                          f"{resumed['train_args']['preset']!r} (toy={resumed['toy']}); this run asks for "
                          f"{args.preset!r} (toy={args.toy}): pass the same data and --preset to resume")
+    if resumed["step"] >= args.steps:
+        raise SystemExit(f"error: {args.resume} is already at step {resumed['step']}, not before --steps "
+                         f"{args.steps}: nothing to train (pass a larger --steps to continue it)")
 
 
 def load_data(args, rank, world_size, device):
-    """The frozen encoder, the model configuration its tokens imply, and the datasets."""
-    if args.toy:
-        if rank == 0:
-            prepare_toy_data(args)
-        if world_size > 1:
-            dist.barrier()
-        if rank != 0:
-            prepare_toy_data(args)  # now only fills in paths: rank 0 wrote the files
+    """The frozen encoder, the model configuration its tokens imply, and the datasets (their metadata
+    checked first: a missing dataset costs seconds, not a model download)."""
     try:
+        if args.toy:
+            if rank == 0:
+                prepare_toy_data(args)
+            if world_size > 1:
+                dist.barrier()
+            if rank != 0:
+                prepare_toy_data(args)  # now only fills in paths: rank 0 wrote the files
+        args.strides = frame_strides(args)
+        if os.path.realpath(args.labeled) == os.path.realpath(args.unlabeled) and args.labeled_fraction < 1:
+            print(f"warning: {args.labeled} plays both roles: the action-free samples are its labelled clips with "
+                  f"the actions hidden, not other video", file=sys.stderr)
         frozen_encoder = encoder_module.Encoder(args.encoder, pool=args.pool).to(device)
         return frozen_encoder, model_config_from_arguments(args, frozen_encoder), build_datasets(
             args, frozen_encoder.image_size)
@@ -385,14 +432,14 @@ def checkpoint_payload(run, step):
 
 
 class TrainingLog:
-    """Rank 0's records: <out>/log.jsonl (continued by a resumed run, new otherwise), Weights & Biases
+    """Rank 0's records: <out>/log.jsonl (continued by a resumed run from its step, new otherwise), Weights & Biases
     when asked for, and the progress bar's numbers. Validation time does not count against frames/s."""
 
-    def __init__(self, run, resumed, world_size, start_step):
+    def __init__(self, run, folder, world_size, start_step):
         args = run.args
         self.run, self.start_step = run, start_step
         self.frames_per_step = args.batch_size * args.clip_length * world_size
-        self.file = open(os.path.join(args.out, "log.jsonl"), "a" if resumed else "w")
+        self.file = folder.open_log(start_step if args.resume else None)
         self.wandb_run = None
         if args.wandb:
             import wandb  # only imported, and only contacted, when asked for
@@ -408,7 +455,7 @@ class TrainingLog:
         if is_due(done, args.val_every, args.steps):
             record["val_loss"] = validation_loss(self.run, rank=0)
         self.timer = time.perf_counter()
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(json_line(record))
         self.file.flush()
         if self.wandb_run is not None:
             self.wandb_run.log(record, step=done)
@@ -425,10 +472,10 @@ def train(args):
     torch.manual_seed(args.seed)
     resumed = resume_from(args.resume)
     check_resumable(args, resumed)
-    checkpoint_path = check_output_folder(args.out, args.resume, args.overwrite, rank)
+    folder = RunFolder(args.out, args.resume, args.overwrite, rank, resumed and resumed["step"])
     run, start_step = set_up(args, rank, world_size, resumed)
     network = training_network(run, world_size)
-    log = TrainingLog(run, resumed, world_size, start_step) if rank == 0 else None
+    log = TrainingLog(run, folder, world_size, start_step) if rank == 0 else None
     loader = make_loader(run.datasets, args, "train", rank, start_step=start_step)
     progress = tqdm(total=args.steps, initial=start_step, disable=rank != 0, dynamic_ncols=True)
     step = start_step
@@ -437,7 +484,7 @@ def train(args):
         for step, batch in zip(range(start_step, args.steps), loader):
             generator = torch.Generator(run.device).manual_seed(args.seed * 1_000_003 + rank * 7919 + step)
             loss, parts = batch_loss(run, batch, network, generator)
-            check_finite(loss, step, checkpoint_path)
+            check_finite(loss, step, folder)
             gradient_norm = optimizer_step(loss, run.model, run.optimizer, run.scheduler, args.grad_clip)
             if run.ema_model is not None:
                 update_ema(run.ema_model, run.model, args.ema, step + 1)
@@ -446,13 +493,13 @@ def train(args):
                 progress.set_postfix(log.write(done, loss, parts, gradient_norm))
             progress.update(1)
             if rank == 0 and (is_due(done, args.save_every, args.steps) or stop.signal_name):
-                save_atomic(checkpoint_payload(run, done), checkpoint_path)
+                folder.save(checkpoint_payload(run, done), run.model, run.ema_model)
             if stop.signal_name:
                 break
     progress.close()
     if world_size > 1:
         dist.destroy_process_group()
-    return finish(args, rank, log, stop, step, checkpoint_path)
+    return finish(args, rank, log, stop, step, folder.checkpoint_path)
 
 
 def finish(args, rank, log, stop, step, checkpoint_path):

@@ -33,7 +33,9 @@ absolute numbers drift. What is measured, and the slow alternative each is compa
    tiny preset only: at the small preset one step would take tens of minutes there.
 6. Data: clips/s from LeRobot video decoding + DINOv2 on the fly, against reading the feature
    cache that `python encoder.py` writes; for the toy tiny DINOv2 and for a DINOv2-S-sized encoder
-   (random weights: same FLOPs as the real one, no download) at 224 px.
+   (random weights: same FLOPs as the real one, no download) at 224 px. And writing that cache from
+   AV1 video, frames/s of one process: each episode decoded front to back in chunks (encoder.py)
+   against one seek per frame (reading the dataset item by item).
 7. Peak memory of each (timing.py: on CPU the peak resident memory above the start, in one extra
    untimed run with malloc set up so that resident memory follows the tensors).
 """
@@ -209,17 +211,22 @@ def bench_cem(preset, device, repeats, samples=300, horizon=5, iterations=10, lo
 # 6. Data: decoding + DINOv2 on the fly vs the feature cache.
 
 
-def bench_data(work, device, batches, quick):
-    """Clips/s (8 frames each, batch 8) of the toy dataset through both paths."""
-    root = sim.write_toy_dataset(os.path.join(work, "toy"), episodes=4, steps_per_episode=40, seed=3)
+def bench_encoders(work, quick):
+    """(label, folder, pool): the toy's tiny DINOv2 and, unless quick, a DINOv2-S-sized one (random weights)."""
     encoders = [("tiny DINOv2 (toy, 64 px)", encoder_module.make_tiny_dinov2(os.path.join(work, "dinov2_tiny")),
                  encoder_module.TOY_POOL)]
     if not quick:
         encoders.append(("DINOv2-S size (224 px)", encoder_module.make_tiny_dinov2(
             os.path.join(work, "dinov2_small"), image_size=224, patch_size=14, hidden_size=384, layers=12, heads=6,
             registers=4), 2))
+    return encoders
+
+
+def bench_data(work, device, batches, quick):
+    """Clips/s (8 frames each, batch 8) of the toy dataset through both paths."""
+    root = sim.write_toy_dataset(os.path.join(work, "toy"), episodes=4, steps_per_episode=40, seed=3)
     results = []
-    for label, path, pool in encoders:
+    for label, path, pool in bench_encoders(work, quick):
         frozen = encoder_module.Encoder(path, pool=pool).to(device)
         cache = os.path.join(work, f"cache_{len(results)}")
         encoder_module.write_feature_cache(root, cache, frozen, data.CAMERA_KEY, batch_size=32, device=device)
@@ -243,6 +250,32 @@ def bench_data(work, device, batches, quick):
             timing = measure(lambda: read(dataset, encode), device, repeats=1, warmup=0)  # reading is slow: once
             entry[f"{name}_clips_per_s"] = batches * 8 / timing["seconds"]
             entry[f"{name}_peak_bytes"] = timing["peak_bytes"]
+        results.append(entry)
+    return results
+
+
+def bench_encoding(work, device, quick):
+    """Frames/s of one process encoding AV1 video into a feature cache: episodes decoded front to
+    back (encoder.py) against one seek per frame (LeRobotDataset item by item)."""
+    root = sim.write_toy_dataset(os.path.join(work, "toy_av1"), episodes=4, steps_per_episode=40, seed=4, video=True)
+    results = []
+    for label, path, pool in bench_encoders(work, quick):
+        frozen = encoder_module.Encoder(path, pool=pool).to(device)
+        frames = data.ClipDataset(root, role="unlabeled", clip_length=1, image_size=frozen.image_size)
+
+        def per_frame():
+            for batch in torch.utils.data.DataLoader(frames, batch_size=32):
+                frozen(batch["frames"][:, 0].to(device))
+
+        def in_order():
+            encoder_module.write_feature_cache(root, os.path.join(work, "encoded"), frozen, data.CAMERA_KEY,
+                                               batch_size=32, num_workers=0, device=device, overwrite=True)
+
+        total = frames.metadata.total_frames
+        entry = dict(encoder=label, frames=total)
+        for name, run in (("in_order", in_order), ("per_frame", per_frame)):
+            timing = measure(run, device, repeats=1, warmup=0)  # decoding is slow: once
+            entry[f"{name}_frames_per_s"], entry[f"{name}_peak_bytes"] = total / timing["seconds"], timing["peak_bytes"]
         results.append(entry)
     return results
 
@@ -326,6 +359,12 @@ def write_markdown(path, report):
         [[e["encoder"], f"{e['on_the_fly_clips_per_s']:.1f}", f"{e['cached_clips_per_s']:.0f}",
           f"{e['cached_clips_per_s'] / e['on_the_fly_clips_per_s']:.0f}×", megabytes(e["on_the_fly_peak_bytes"]),
           megabytes(e["cached_peak_bytes"])] for e in report["data"]])
+    lines += markdown_table(
+        "Encoding video into the feature cache: frames/s of one process (AV1, 4 episodes x 40 frames)",
+        ["encoder", "episodes in order (encoder.py)", "one seek per frame", "speed-up", "peak mem in order"],
+        [[e["encoder"], f"{e['in_order_frames_per_s']:.0f}", f"{e['per_frame_frames_per_s']:.0f}",
+          f"{e['in_order_frames_per_s'] / e['per_frame_frames_per_s']:.1f}×", megabytes(e["in_order_peak_bytes"])]
+         for e in report["encoding"]])
     with open(path, "w") as file:
         file.write("\n".join(lines) + "\n")
 
@@ -384,7 +423,8 @@ def main(argv=None):
              ("cem", lambda: [bench_cem(p, device, runs[p] if args.quick or device.type == "cuda" else 1,
                                         samples=30 if args.quick else 300,
                                         iterations=2 if args.quick else 10) for p in planned]),
-             ("data", lambda: bench_data(work, device, batches=2 if args.quick else 4, quick=args.quick))]
+             ("data", lambda: bench_data(work, device, batches=2 if args.quick else 4, quick=args.quick)),
+             ("encoding", lambda: bench_encoding(work, device, quick=args.quick))]
     with tempfile.TemporaryDirectory(prefix="bench_") as work:
         for name, run in steps:
             start = time.perf_counter()

@@ -30,7 +30,10 @@ seen, and each data-parallel rank sees different clips.
 Sources: a local folder holding a LeRobot v3.0 dataset, a hub id (downloaded by lerobot, or
 streamed with `streaming=True` for corpora too big for the disk), or an alias: `droid` (the full
 DROID in LeRobot format, used as action-free video) and `droid_subset` (labelled episodes of the
-same repo, disjoint by episode from what `droid` uses).
+same repo, disjoint by episode from what `droid` uses); `airoa-moma` and `agibot_alpha`, whose
+states are not one 6-DoF end-effector pose: action-free video as they are (their cameras: the
+`--unlabeled-camera-keys` flag; a wrong key is refused with the list of the dataset's keys). Several
+cameras of one dataset become one action-free set of separate video streams (`Streams`).
 """
 import json
 import os
@@ -46,6 +49,11 @@ DROID_REPO = "lerobot/droid_1.0.1"
 datasets.disable_progress_bars()  # lerobot's parquet loading would print a bar per dataset opened
 # Every DROID_LABELED_EVERY-th episode is labelled (droid_subset), the others are video (droid): 1 in 20 = 5 %.
 DROID_LABELED_EVERY = 20
+# More real corpora by name: hub id, and why they cannot be the labelled set as they are.
+ALIASES = {"airoa-moma": ("airoa-org/airoa-moma", "its states are the HSR robot's joint positions, not an "
+                                                   "end-effector pose"),
+           "agibot_alpha": ("cadene/agibot_alpha_v30", "its states hold two arms' end-effector positions and "
+                                                       "quaternions (observation.state.end.*), not one pose")}
 CAMERA_KEY = "observation.images.exterior_1_left"
 STATE_KEYS = ("observation.state.cartesian_position", "observation.state.gripper_position")
 
@@ -147,6 +155,8 @@ def resolve_source(source):
     if source in ("droid", "droid_subset"):
         labelled_episodes = source == "droid_subset"
         return DROID_REPO, None, (lambda episode: (episode % DROID_LABELED_EVERY == 0) == labelled_episodes)
+    if source in ALIASES:
+        return ALIASES[source][0], None, None
     if os.path.isdir(source):
         if not os.path.isfile(os.path.join(source, "meta", "info.json")):
             raise DatasetError(f"{source!r} is a folder but not a LeRobot dataset (no meta/info.json)")
@@ -252,6 +262,10 @@ class ClipDataset(torch.utils.data.Dataset):
             raise DatasetError(f"{self.source!r} has no camera {self.camera_key!r}; its keys: {available}")
         if self.role == "labeled":
             missing = [key for key in self.state_keys if key not in features]
+            if missing and self.source in ALIASES:
+                raise DatasetError(f"{self.source!r} cannot be the labelled set: {ALIASES[self.source][1]}; use it as "
+                                   f"action-free video (--unlabeled), or pass --state-keys naming x y z roll pitch yaw "
+                                   f"gripper")
             if missing:
                 raise DatasetError(f"labelled dataset {self.source!r} lacks state {missing[0]!r} needed for "
                                    f"delta-EE actions; its keys: {available} (pass --state-keys)")
@@ -384,6 +398,19 @@ class ActionStats(Stats):
         same_episode = dataset.episode_of_row[stride:] == dataset.episode_of_row[:-stride]
         actions = delta_ee(dataset.states[:-stride][same_episode], dataset.states[stride:][same_episode])
         return cls(actions.mean(0), np.maximum(actions.std(0), 1e-6))
+
+
+class Streams(torch.utils.data.ConcatDataset):
+    """Several cameras of one dataset as one set of clips: each camera is a video stream of its own
+    (DROID's two exterior cameras and its wrist camera triple its action-free video)."""
+
+    def __init__(self, parts):
+        super().__init__(parts)
+        self.role = parts[0].role
+
+    @classmethod
+    def of(cls, parts):
+        return parts[0] if len(parts) == 1 else cls(parts)
 
 
 def split_episodes(episodes, val_fraction, seed):

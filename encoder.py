@@ -31,6 +31,8 @@ dataset and stores the tokens (float16, memory-mapped); `train.py --feature-cach
 without decoding video or running DINOv2 at all.
 """
 import argparse
+import contextlib
+import fcntl
 import itertools
 import json
 import os
@@ -191,50 +193,131 @@ def check_cache_destination(out, overwrite=False):
                                 f"replace it, or choose another --out")
 
 
+class EpisodeFrames(torch.utils.data.Dataset):
+    """Item k: the k-th chunk of at most `chunk` consecutive frames of one episode, decoded in order,
+    as (episode, absolute index of its first frame, frames (L, 3, S, S) in [0, 1]). A video is read
+    front to back, one decoder call per chunk, instead of one seek per frame; DataLoader workers
+    decode chunks in parallel while the main process runs DINOv2."""
+
+    def __init__(self, source, camera_key, image_size, episodes, chunk=64):
+        from lerobot.datasets.lerobot_dataset import LeRobotDataset
+        repo_id, root, _, self.metadata = data.load_metadata(source)
+        self.camera_key, self.image_size = camera_key, image_size
+        self.video = self.metadata.features[camera_key]["dtype"] == "video"
+        # downloads what is missing (videos included) and gives the local root; images come from its rows
+        self.lerobot = LeRobotDataset(repo_id, root=root, episodes=list(episodes), download_videos=self.video,
+                                      video_backend=data.video_backend())
+        lengths = self.metadata.episodes["length"]
+        self.chunks = [(int(e), start, min(start + chunk, int(lengths[e]))) for e in episodes
+                       for start in range(0, int(lengths[e]), chunk)]
+
+    def __len__(self):
+        return len(self.chunks)
+
+    def __getitem__(self, k):
+        episode, start, stop = self.chunks[k]
+        info = self.metadata.episodes[episode]
+        first = int(info["dataset_from_index"]) + start
+        if self.video:
+            from lerobot.datasets.video_utils import decode_video_frames
+            offset = info[f"videos/{self.camera_key}/from_timestamp"]
+            times = [float(offset + i / self.metadata.fps) for i in range(start, stop)]
+            path = os.path.join(self.lerobot.root, self.metadata.get_video_file_path(episode, self.camera_key))
+            frames = decode_video_frames(path, times, 1e-4, data.video_backend())  # (L, 3, h, w)
+        else:  # image datasets: the rows LeRobotDataset reads, already (3, h, w) tensors
+            if not hasattr(self, "row_of"):
+                self.row_of = {int(index): row for row, index in enumerate(self.lerobot.hf_dataset["index"])}
+            frames = torch.stack([self.lerobot.hf_dataset[self.row_of[first + i]][self.camera_key]
+                                  for i in range(stop - start)])
+        return episode, first, data.square_resize(frames.float(), self.image_size)
+
+
 def write_feature_cache(source, out, encoder, camera_key, batch_size=64, num_workers=0, device="cpu",
-                        overwrite=False):
+                        overwrite=False, shard=(0, 1)):
     """tokens.npy (total_frames, N, D) float16 with row i = absolute frame i, plus meta.json and
-    token_stats.json. Written into `<out>.partial` and renamed at the end: never half a cache (a
-    failure removes the partial folder)."""
+    token_stats.json, in `out`. Work happens in `<out>.partial`: shard (i, n) encodes the episodes
+    e with e % n == i and records each finished episode in done-i-of-n.txt, so shards run in parallel
+    (processes, machines, torchrun ranks) and a crashed shard resumes where it stopped. The shard that
+    finds every episode done finishes the cache and renames it to `out`. Returns (out or None while
+    other shards are still running, frames/s of this process)."""
     check_cache_destination(out, overwrite)
-    frames = data.ClipDataset(source, role="unlabeled", camera_key=camera_key, clip_length=1,
-                              image_size=encoder.image_size)
+    _, _, episode_filter, metadata = data.load_metadata(source)
+    if camera_key not in metadata.features:
+        raise data.DatasetError(f"{source!r} has no camera {camera_key!r}; its keys: "
+                                f"{', '.join(key for key in metadata.features if key.startswith('observation'))}")
     partial = out.rstrip("/") + ".partial"
+    episodes = [e for e in range(metadata.total_episodes) if episode_filter is None or episode_filter(e)]
+    shape = (metadata.total_frames, encoder.num_tokens, encoder.token_dim)
+    with cache_lock(partial):
+        tokens_path = os.path.join(partial, "tokens.npy")
+        if overwrite and os.path.isfile(tokens_path) and np.load(tokens_path, mmap_mode="r").shape != shape:
+            shutil.rmtree(partial)  # an unfinished cache of another encoder: replaced, as asked
+            os.makedirs(partial)
+        if not os.path.isfile(tokens_path):
+            np.lib.format.open_memmap(tokens_path, mode="w+", dtype=np.float16, shape=shape).flush()
+    tokens = np.load(tokens_path, mmap_mode="r+")
+    if tokens.shape != shape:
+        raise data.DatasetError(f"{partial!r} holds an unfinished cache of another shape {tokens.shape}; remove it")
+    index, count = shard
+    done_path = os.path.join(partial, f"done-{index}-of-{count}.txt")
+    todo = [e for e in episodes if e % count == index and e not in finished_episodes(partial)]
+    frames = EpisodeFrames(source, camera_key, encoder.image_size, todo, chunk=batch_size)
+    start_time, encoded = time.perf_counter(), 0
+    remaining = {e: sum(1 for chunk in frames.chunks if chunk[0] == e) for e in todo}
+    loader = torch.utils.data.DataLoader(frames, batch_size=None, num_workers=num_workers)
+    with open(done_path, "a") as done, tqdm(total=sum(c[2] - c[1] for c in frames.chunks), unit="frame",
+                                            desc=f"encoding {source} (shard {index}/{count})") as progress:
+        for episode, first, chunk in loader:
+            tokens[first:first + len(chunk)] = encoder(chunk.to(device)).cpu().numpy().astype(np.float16)
+            encoded += len(chunk)
+            progress.update(len(chunk))
+            remaining[episode] -= 1
+            if remaining[episode] == 0:  # the whole episode is on disk: never encoded again
+                tokens.flush()
+                done.write(f"{episode}\n")
+                done.flush()
+    seconds = time.perf_counter() - start_time
+    with cache_lock(partial):
+        if not os.path.isdir(partial) or not set(episodes) <= finished_episodes(partial):
+            finished = os.path.isdir(out) and not os.path.isdir(partial)  # another shard finished it
+            return out if finished else None, encoded / max(seconds, 1e-9)
+        sample = np.random.default_rng(0).permutation(np.concatenate(
+            [np.arange(metadata.episodes[e]["dataset_from_index"], metadata.episodes[e]["dataset_to_index"])
+             for e in episodes]))[:20_000]
+        moments = Moments()
+        moments.add(torch.from_numpy(np.asarray(tokens[np.sort(sample)], np.float32)))
+        moments.stats(TokenStats).save(os.path.join(partial, "token_stats.json"))
+        with open(os.path.join(partial, "meta.json"), "w") as file:
+            json.dump(dict(source=source, encoder=encoder.name_or_path, pool=encoder.pool, camera_key=camera_key,
+                           image_size=encoder.image_size, num_frames=metadata.total_frames, seconds=seconds), file,
+                      indent=1)
+        if os.path.isdir(out):
+            shutil.rmtree(out)
+        os.replace(partial, out)
+        os.remove(partial.rstrip("/") + ".lock")
+    return out, encoded / max(seconds, 1e-9)
+
+
+def finished_episodes(partial):
+    """Episodes every shard has recorded as done in `<out>.partial` (any sharding, earlier runs included)."""
+    done = set()
+    for name in os.listdir(partial) if os.path.isdir(partial) else []:
+        if name.startswith("done-"):
+            with open(os.path.join(partial, name)) as file:
+                done.update(int(line) for line in file if line.strip())
+    return done
+
+
+@contextlib.contextmanager
+def cache_lock(partial):
+    """An exclusive lock on `<out>.partial` between the processes writing one cache (POSIX flock)."""
     os.makedirs(partial, exist_ok=True)
-    try:
-        seconds, position = encode_frames(frames, encoder, partial, batch_size, num_workers, device)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    with open(os.path.join(partial, "meta.json"), "w") as file:
-        json.dump(dict(source=source, encoder=encoder.name_or_path, pool=encoder.pool, camera_key=camera_key,
-                       image_size=encoder.image_size, num_frames=frames.metadata.total_frames, seconds=seconds),
-                  file, indent=1)
-    if os.path.isdir(out):
-        shutil.rmtree(out)
-    os.replace(partial, out)
-    return out, position / seconds
-
-
-def encode_frames(frames, encoder, folder, batch_size, num_workers, device):
-    """Every frame of a 1-frame ClipDataset into <folder>/tokens.npy, and token_stats.json.
-    Returns (seconds, frames encoded)."""
-    total = frames.metadata.total_frames
-    tokens = np.lib.format.open_memmap(os.path.join(folder, "tokens.npy"), mode="w+", dtype=np.float16,
-                                       shape=(total, encoder.num_tokens, encoder.token_dim))
-    loader = torch.utils.data.DataLoader(frames, batch_size=batch_size, num_workers=num_workers)
-    moments = Moments()
-    start_time = time.perf_counter()
-    position = 0
-    for batch in tqdm(loader, desc=f"encoding {frames.source}", unit="batch"):
-        encoded = encoder(batch["frames"][:, 0].to(device)).cpu()  # (B, N, D)
-        rows = frames.absolute_index[frames.starts[position:position + len(encoded)]]
-        tokens[rows] = encoded.numpy().astype(np.float16)
-        moments.add(encoded)
-        position += len(encoded)
-    tokens.flush()
-    moments.stats(TokenStats).save(os.path.join(folder, "token_stats.json"))
-    return time.perf_counter() - start_time, position
+    with open(partial.rstrip("/") + ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def ensure_feature_cache(source, out, name_or_path, pool, camera_key):
@@ -248,34 +331,55 @@ def ensure_feature_cache(source, out, name_or_path, pool, camera_key):
     return write_feature_cache(source, out, Encoder(name_or_path, pool), camera_key, overwrite=True)[0]
 
 
+def parse_shard(text):
+    """"i/n" -> (i, n) with 0 <= i < n."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+        assert 0 <= index < count
+    except (ValueError, AssertionError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not i/n with 0 <= i < n (e.g. 0/8)") from None
+    return index, count
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Encode every frame of a LeRobot dataset with frozen DINOv2 "
-                                     "once, into a feature cache that train.py --feature-cache reads.",
+                                     "once, into a feature cache that train.py --feature-cache reads. Resumable; "
+                                     "shardable across processes and machines (--shard, or one shard per torchrun rank).",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--dataset", required=True, help="local LeRobot folder, hub id, or droid/droid_subset")
+    parser.add_argument("--dataset", required=True, help="local LeRobot folder, hub id, or an alias (data.py)")
     parser.add_argument("--encoder", default=DEFAULT_ENCODER, help="DINOv2 hub id or local folder")
     parser.add_argument("--pool", type=int, default=1, help="k x k average pooling of the patch grid")
     parser.add_argument("--image-size", type=int, help="input size in pixels (default: 224, or the model's if smaller)")
-    parser.add_argument("--camera-key", default="observation.images.exterior_1_left")
+    parser.add_argument("--camera-key", default=data.CAMERA_KEY)
     parser.add_argument("--out", required=True, help="cache folder to write")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing feature cache in --out")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--shard", type=parse_shard, help="i/n: encode every n-th episode from the i-th (default "
+                                                           "under torchrun: RANK/WORLD_SIZE; else 0/1, all)")
+    parser.add_argument("--batch-size", type=int, default=64, help="frames per DINOv2 call (and per decoded chunk)")
+    parser.add_argument("--num-workers", type=int, default=2, help="processes decoding video beside DINOv2")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     if min(args.pool, args.batch_size, args.image_size or 1) < 1 or args.num_workers < 0:
         parser.error("--pool, --batch-size and --image-size must be positive, --num-workers >= 0")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: no CUDA device is available (use --device cpu)")
+    if args.shard is None:
+        args.shard = (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+        if args.device.startswith("cuda") and "LOCAL_RANK" in os.environ:
+            args.device = f"cuda:{os.environ['LOCAL_RANK']}"
     try:
         check_cache_destination(args.out, args.overwrite)  # before any model or video is loaded
         data.load_metadata(args.dataset)
         encoder = Encoder(args.encoder, pool=args.pool, image_size=args.image_size).to(args.device)
-        out, frames_per_second = write_feature_cache(args.dataset, args.out, encoder, args.camera_key,
-                                                     args.batch_size, args.num_workers, args.device, args.overwrite)
+        out, frames_per_second = write_feature_cache(args.dataset, args.out, encoder, args.camera_key, args.batch_size,
+                                                     args.num_workers, args.device, args.overwrite, args.shard)
     except (data.DatasetError, OSError, ValueError) as error:
         raise SystemExit(f"error: {error}")
-    print(f"wrote {out} ({frames_per_second:.0f} frames/s); train with --feature-cache")
+    if out is None:
+        print(f"shard {args.shard[0]}/{args.shard[1]} done ({frames_per_second:.0f} frames/s); the last shard to "
+              f"finish writes {args.out}")
+    else:
+        print(f"wrote {out} ({frames_per_second:.0f} frames/s); train with --feature-cache")
     return 0
 
 

@@ -74,7 +74,8 @@ def held_out_clips(checkpoint, frozen_encoder, dataset_source, clip_length, max_
         return tokens, action_stats.normalize(torch.as_tensor(actions, dtype=torch.float32))
     args = checkpoint["train_args"]
     source = dataset_source or args["labeled"]
-    common = dict(role="labeled", camera_key=args["camera_key"], state_keys=tuple(args["state_keys"]),
+    common = dict(role="labeled", camera_key=args.get("labeled_camera_key") or args["camera_key"],
+                  state_keys=tuple(args["state_keys"]),
                   clip_length=clip_length, frame_stride=args.get("strides", {}).get("labeled", args["frame_stride"]),
                   image_size=frozen_encoder.image_size)
     full = data.ClipDataset(source, **common)

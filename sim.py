@@ -45,6 +45,7 @@ import os
 import shutil
 import sys
 
+import av
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
@@ -321,11 +322,12 @@ def write_goal_images(directory="goals", n=4, seed=0):
 
 
 def write_toy_dataset(root, episodes, steps_per_episode=40, seed=0, explore=0.0, video=False, repo_id="toy/ee_world",
-                      fps=FPS):
+                      fps=FPS, cameras=(CAMERA_KEY,)):
     """A LeRobot v3.0 dataset of `episodes` random trajectories (random_trajectory with `explore`).
     `action[t]` is the delta EE from frame t to t+1 (zero on the last frame). Written into
     `<root>.partial`, renamed when done; toy_spec.json in the root records the arguments. `fps`: the
     rate the dataset declares (the motion per frame is the same at any rate; tests of mixed rates).
+    `cameras`: the image keys, each holding the same rendering (tests of other and several cameras).
 
     Frames are stored losslessly (PNG, LeRobot "image" features) unless video=True (AV1 mp4, as
     DROID stores them). The demo stores them losslessly because the toy's stand-in encoder, a tiny
@@ -334,10 +336,11 @@ def write_toy_dataset(root, episodes, steps_per_episode=40, seed=0, explore=0.0,
     step of motion changes them (0.04), so a model trained on AV1 frames learned the codec's noise
     and planned on exact renderings it had never seen."""
     os.environ.setdefault("SVT_LOG", "1")  # the AV1 encoder prints its whole configuration otherwise
+    av.logging.set_libav_level(av.logging.ERROR)  # and its muxer one line per video file
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
     features = {
-        CAMERA_KEY: {"dtype": "video" if video else "image", "shape": (IMAGE_SIZE, IMAGE_SIZE, 3),
-                     "names": ["height", "width", "channels"]},
+        **{camera: {"dtype": "video" if video else "image", "shape": (IMAGE_SIZE, IMAGE_SIZE, 3),
+                    "names": ["height", "width", "channels"]} for camera in cameras},
         POSITION_KEY: {"dtype": "float32", "shape": (6,), "names": ["x", "y", "z", "roll", "pitch", "yaw"]},
         GRIPPER_KEY: {"dtype": "float32", "shape": (1,), "names": ["gripper"]},
         "action": {"dtype": "float32", "shape": (7,), "names": ["dx", "dy", "dz", "rx", "ry", "rz", "dgripper"]},
@@ -351,14 +354,15 @@ def write_toy_dataset(root, episodes, steps_per_episode=40, seed=0, explore=0.0,
         images = render_batch(poses)  # (steps, 64, 64, 3)
         applied = np.concatenate([delta_ee(poses[:-1], poses[1:]), np.zeros((1, 7))])
         for t in range(steps_per_episode):
-            dataset.add_frame({CAMERA_KEY: images[t], POSITION_KEY: poses[t, :6].astype(np.float32),
+            dataset.add_frame({**{camera: images[t] for camera in cameras}, POSITION_KEY: poses[t, :6].astype(np.float32),
                                GRIPPER_KEY: poses[t, 6:].astype(np.float32),
                                "action": applied[t].astype(np.float32), "task": "move the gripper"})
         dataset.save_episode()
     dataset.finalize()
     with open(os.path.join(temporary, "toy_spec.json"), "w") as file:
         json.dump(dict(episodes=episodes, steps_per_episode=steps_per_episode, seed=seed, explore=explore,
-                       video=video, **({} if fps == FPS else dict(fps=fps))), file)
+                       video=video, **({} if fps == FPS else dict(fps=fps)),
+                       **({} if cameras == (CAMERA_KEY,) else dict(cameras=list(cameras)))), file)
     os.replace(temporary, root)
     return root
 

@@ -379,6 +379,16 @@ def test_data_droid_aliases_split_episodes_disjointly():
         data_module.ClipDataset("droid_subset")
 
 
+def test_data_more_aliases_and_why_they_are_action_free(toy_labeled_root, monkeypatch):
+    assert data_module.resolve_source("airoa-moma") == ("airoa-org/airoa-moma", None, None)
+    with pytest.raises(data_module.DatasetError, match="cannot reach dataset 'cadene/agibot_alpha_v30'"):
+        data_module.ClipDataset("agibot_alpha", "unlabeled")  # offline: at once, one line
+    local = data_module.load_metadata(toy_labeled_root)[3]
+    monkeypatch.setattr(data_module, "load_metadata", lambda source: ("local/toy", toy_labeled_root, None, local))
+    with pytest.raises(data_module.DatasetError, match="cannot be the labelled set: its states hold two arms"):
+        data_module.ClipDataset("agibot_alpha", "labeled", state_keys=("observation.state.end.position",))
+
+
 def test_data_falls_back_to_pyav_without_torchcodec(toy_labeled_root, monkeypatch):
     reference = data_module.ClipDataset(toy_labeled_root, "unlabeled", clip_length=3, image_size=64)[5]["frames"]
     monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)  # import now fails as without FFmpeg
@@ -482,6 +492,36 @@ def test_encoder_token_stats_and_feature_cache(tiny_dinov2_dir, toy_labeled_root
     with pytest.raises(data_module.DatasetError, match="not a feature cache"):
         data_module.ClipDataset(toy_labeled_root, feature_cache=str(tmp_path))
 
+
+def test_encoder_cache_in_shards_resumes_after_a_crash(tiny_dinov2_dir, tmp_path, monkeypatch):
+    """Shards write one cache between them; a crashed shard redoes only its unfinished episodes."""
+    root = sim.write_toy_dataset(str(tmp_path / "png"), episodes=4, steps_per_episode=10, seed=3)  # image frames
+    encoder = encoder_module.Encoder(tiny_dinov2_dir, pool=2)
+    write = lambda out, **kw: encoder_module.write_feature_cache(root, str(tmp_path / out), encoder,  # noqa: E731
+                                                                 data_module.CAMERA_KEY, batch_size=4, **kw)
+    one_shot = np.load(write("one")[0] + "/tokens.npy")
+    assert write("sharded", shard=(1, 2))[0] is None  # the other half is missing: not finished yet
+    assert os.path.isdir(tmp_path / "sharded.partial") and not os.path.exists(tmp_path / "sharded")
+    assert write("sharded", shard=(0, 2))[0] == str(tmp_path / "sharded")
+    assert np.array_equal(np.load(tmp_path / "sharded" / "tokens.npy"), one_shot)
+    assert not os.path.exists(tmp_path / "sharded.partial") and not os.path.exists(tmp_path / "sharded.lock")
+    live = data_module.ClipDataset(root, "unlabeled", clip_length=1, image_size=64)
+    assert np.allclose(one_shot[live.absolute_index[live.starts[13]]], encoder(live[13]["frames"]).numpy(), atol=2e-2)
+    calls, forward = [], encoder_module.Encoder.forward
+
+    def crash_on_the_fourth_chunk(self, frames):
+        calls.append(len(frames))
+        if len(calls) == 4:
+            raise RuntimeError("power cut")
+        return forward(self, frames)
+
+    monkeypatch.setattr(encoder_module.Encoder, "forward", crash_on_the_fourth_chunk)
+    with pytest.raises(RuntimeError, match="power cut"):
+        write("resumed")
+    assert encoder_module.finished_episodes(str(tmp_path / "resumed.partial")) == {0}  # 3 chunks: 1 episode
+    monkeypatch.setattr(encoder_module.Encoder, "forward", forward)
+    assert write("resumed")[0] == str(tmp_path / "resumed")
+    assert np.array_equal(np.load(tmp_path / "resumed" / "tokens.npy"), one_shot)
 
 
 def test_encoder_real_dinov2_sizes_default_to_224(tmp_path):
@@ -1060,6 +1100,30 @@ def test_train_bad_input_fails_with_one_clear_line(toy_train_run, tmp_path):
                                                      "nobody/not-a-dataset-either", "--encoder", argv[5], "--out", str(tmp_path / "f")])
     assert code != 0 and line.startswith("error:") and "nobody/not-a-dataset" in line
     assert checkpoint.read_bytes() == before  # nothing overwritten
+
+
+@SLOW
+def test_train_each_dataset_names_its_cameras(toy_train_run, tiny_dinov2_dir, tmp_path):
+    """A labelled set whose one camera is called `image`, an action-free set with two cameras: each a stream."""
+    argv, reference = toy_train_run
+    labeled = sim.write_toy_dataset(str(tmp_path / "labeled"), episodes=3, steps_per_episode=12, seed=7,
+                                    cameras=("image",))
+    cameras = (data_module.CAMERA_KEY, "observation.images.wrist_left")
+    unlabeled = sim.write_toy_dataset(str(tmp_path / "unlabeled"), episodes=4, steps_per_episode=12, seed=8,
+                                      cameras=cameras)
+    run = _elsewhere(argv, reference, tmp_path / "run")
+    run[run.index("--labeled") + 1], run[run.index("--unlabeled") + 1] = labeled, unlabeled
+    args = train_module.parse_arguments(run + ["--labeled-camera-key", "image", "--unlabeled-camera-keys", *cameras])
+    args.strides = train_module.frame_strides(args)
+    datasets = train_module.build_datasets(args, image_size=64)
+    one_camera = data_module.ClipDataset(unlabeled, "unlabeled", camera_key=cameras[1], clip_length=args.clip_length,
+                                         image_size=64, episodes=datasets["unlabeled"][0].datasets[0].episodes)
+    assert isinstance(datasets["unlabeled"][0], data_module.Streams) and len(datasets["unlabeled"][0]) == 2 * len(one_camera)
+    assert datasets["labeled"][0].camera_key == "image"
+    assert train_module.main(run + ["--steps", "2", "--labeled-camera-key", "image", "--unlabeled-camera-keys",
+                                    *cameras]) == 0
+    with pytest.raises(SystemExit, match="has no camera 'observation.images.exterior_1_left'"):
+        train_module.main(run + ["--out", str(tmp_path / "run2")])  # one key for both: the labelled set lacks it
 
 
 @SLOW
@@ -1665,7 +1729,8 @@ def test_bench_quick_measures_every_figure(tmp_path):
     assert bench.main(["--quick", "--repeats", "1", "--out", str(tmp_path / "BENCH.md")]) == 0
     text = open(tmp_path / "BENCH.md").read()
     assert not UNFORMATTED.search(text), UNFORMATTED.search(text)  # every placeholder was filled in
-    for heading in ("Training step", "Attention kernels", "KV cache", "Sampling steps", "CEM MPC step", "Data"):
+    for heading in ("Training step", "Attention kernels", "KV cache", "Sampling steps", "CEM MPC step", "Data",
+                    "Encoding video"):
         assert heading in text
     report = json.load(open(tmp_path / "BENCH.json"))
     assert report["machine"]["matmul_gflops"] > 0
@@ -1676,6 +1741,7 @@ def test_bench_quick_measures_every_figure(tmp_path):
     assert all(entry["cached_per_frame"] > 0 and entry["recomputed_per_frame"] > 0 for entry in report["rollout"])
     assert [entry["K"] for entry in report["sampling"]] == [4, 64]
     assert report["cem"][0]["seconds"] > 0 and report["data"][0]["cached_clips_per_s"] > 0
+    assert report["encoding"][0]["in_order_frames_per_s"] > 0 and report["encoding"][0]["per_frame_frames_per_s"] > 0
     with pytest.raises(SystemExit, match="repeats"):
         bench.main(["--quick", "--repeats", "0"])
 

@@ -85,7 +85,12 @@ def build_argument_parser():
     group.add_argument("--unlabeled", help="action-free video dataset: local path, hub id, or droid")
     group.add_argument("--labeled-fraction", type=float, default=0.05,
                        help="probability that a training sample comes from the labelled set")
-    group.add_argument("--camera-key", default="observation.images.exterior_1_left")
+    group.add_argument("--camera-key", default=data.CAMERA_KEY, help="the camera of both datasets, unless the next "
+                                                                      "two flags name their own")
+    group.add_argument("--labeled-camera-key", help="the labelled set's camera (default --camera-key)")
+    group.add_argument("--unlabeled-camera-keys", nargs="+", metavar="KEY",
+                       help="the action-free set's cameras, each a video stream of its own (default --camera-key), "
+                            "e.g. DROID's observation.images.exterior_1_left exterior_2_left wrist_left")
     group.add_argument("--state-keys", nargs="+",
                        default=["observation.state.cartesian_position", "observation.state.gripper_position"],
                        help="state keys whose concatenation is (x, y, z, roll, pitch, yaw, gripper)")
@@ -96,8 +101,9 @@ def build_argument_parser():
                                                  "set is read every (its fps / --fps) frames")
     group.add_argument("--val-fraction", type=float, default=0.1, help="episodes held out for validation")
     group.add_argument("--streaming", action="store_true", help="stream from the hub instead of downloading")
-    group.add_argument("--feature-cache", nargs=2, metavar=("LABELED_DIR", "UNLABELED_DIR"),
-                       help="token caches written by `python encoder.py` for the two datasets")
+    group.add_argument("--feature-cache", nargs="+", metavar="DIR",
+                       help="token caches written by `python encoder.py`: the labelled set's, then one per "
+                            "action-free camera")
     group.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes")
     group = parser.add_argument_group("encoder")
     group.add_argument("--encoder", default="facebook/dinov2-with-registers-small",
@@ -186,6 +192,11 @@ def parse_arguments(argv=None):
         parser.error(f"--device {args.device}: no CUDA device is available (use --device cpu)")
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite contradict each other")
+    args.labeled_camera_key = args.labeled_camera_key or args.camera_key
+    args.unlabeled_camera_keys = args.unlabeled_camera_keys or [args.camera_key]
+    if args.feature_cache and len(args.feature_cache) != 1 + len(args.unlabeled_camera_keys):
+        parser.error(f"--feature-cache takes {1 + len(args.unlabeled_camera_keys)} folders: the labelled set's, then "
+                     f"one per action-free camera ({' '.join(args.unlabeled_camera_keys)})")
     args.warmup = clamp_warmup(args.warmup, args.steps)
     if args.out is None:  # a resumed run writes where its checkpoint lives
         name = os.path.basename(os.path.normpath(args.unlabeled)).replace("/", "_") if not args.toy else None
@@ -235,8 +246,9 @@ def prepare_toy_data(args):
         name = f"{os.path.basename(os.path.normpath(args.encoder))}-pool{args.pool}"
         args.feature_cache = [encoder_module.ensure_feature_cache(
             root, os.path.join(os.path.dirname(os.path.normpath(root)), "features",
-                               f"{os.path.basename(os.path.normpath(root))}-{name}"),
-            args.encoder, args.pool, args.camera_key) for root in (args.labeled, args.unlabeled)]
+                               f"{os.path.basename(os.path.normpath(root))}-{name}"
+                               + ("" if camera == data.CAMERA_KEY else f"-{camera.split('.')[-1]}")),
+            args.encoder, args.pool, camera) for root, camera in streams(args)]
 
 
 def frame_strides(args):
@@ -259,20 +271,29 @@ def frame_strides(args):
     return strides
 
 
+def streams(args):
+    """(dataset, camera) of every video stream: the labelled set's camera first, then each camera of
+    the action-free set."""
+    return [(args.labeled, args.labeled_camera_key)] + [(args.unlabeled, key) for key in args.unlabeled_camera_keys]
+
+
 def build_datasets(args, image_size):
-    """Training and validation ClipDatasets for both roles, split by episode (no validation sets
-    when --val-every is 0)."""
-    caches = args.feature_cache or (None, None)
-    datasets = {}
-    for role, source, cache in (("labeled", args.labeled, caches[0]), ("unlabeled", args.unlabeled, caches[1])):
-        common = dict(role=role, camera_key=args.camera_key, state_keys=tuple(args.state_keys),
+    """Training and validation clips of both roles, split by episode (every camera of a dataset the
+    same way; no validation sets when --val-every is 0). Several action-free cameras: data.Streams."""
+    caches = args.feature_cache or [None] * len(streams(args))
+    parts = {"labeled": ([], []), "unlabeled": ([], [])}
+    for index, ((source, camera), cache) in enumerate(zip(streams(args), caches)):
+        role = "labeled" if index == 0 else "unlabeled"
+        common = dict(role=role, camera_key=camera, state_keys=tuple(args.state_keys),
                       clip_length=args.clip_length, frame_stride=args.strides[role],
                       image_size=image_size, streaming=args.streaming, feature_cache=cache)
         full = data.ClipDataset(source, **common)
         train_episodes, val_episodes = data.split_episodes(full.episodes, args.val_fraction, args.seed)
-        datasets[role] = (data.ClipDataset(source, episodes=train_episodes, **common),
-                          data.ClipDataset(source, episodes=val_episodes, **common) if args.val_every else None)
-    return datasets
+        parts[role][0].append(data.ClipDataset(source, episodes=train_episodes, **common))
+        if args.val_every:
+            parts[role][1].append(data.ClipDataset(source, episodes=val_episodes, **common))
+    return {role: (data.Streams.of(train), data.Streams.of(val) if val else None)
+            for role, (train, val) in parts.items()}
 
 
 def make_loader(datasets, args, split, rank, start_step=0):

@@ -277,25 +277,30 @@ def write_feature_cache(source, out, encoder, camera_key, batch_size=64, num_wor
                 done.write(f"{episode}\n")
                 done.flush()
     seconds = time.perf_counter() - start_time
+    meta = dict(source=source, encoder=encoder.name_or_path, pool=encoder.pool, camera_key=camera_key,
+                image_size=encoder.image_size, num_frames=metadata.total_frames, seconds=seconds)
+    return finish_cache(partial, out, tokens, metadata, episodes, meta), encoded / max(seconds, 1e-9)
+
+
+def finish_cache(partial, out, tokens, metadata, episodes, meta):
+    """When every episode is done: token_stats.json (from up to 20,000 frames), meta.json, and the
+    rename of `<out>.partial` to `out`. Returns `out`, or None while other shards are still running."""
     with cache_lock(partial):
         if not os.path.isdir(partial) or not set(episodes) <= finished_episodes(partial):
-            finished = os.path.isdir(out) and not os.path.isdir(partial)  # another shard finished it
-            return out if finished else None, encoded / max(seconds, 1e-9)
-        sample = np.random.default_rng(0).permutation(np.concatenate(
-            [np.arange(metadata.episodes[e]["dataset_from_index"], metadata.episodes[e]["dataset_to_index"])
-             for e in episodes]))[:20_000]
+            return out if os.path.isdir(out) and not os.path.isdir(partial) else None  # done by another shard
+        rows = np.concatenate([np.arange(metadata.episodes[e]["dataset_from_index"],
+                                         metadata.episodes[e]["dataset_to_index"]) for e in episodes])
+        sample = np.sort(np.random.default_rng(0).permutation(rows)[:20_000])
         moments = Moments()
-        moments.add(torch.from_numpy(np.asarray(tokens[np.sort(sample)], np.float32)))
+        moments.add(torch.from_numpy(np.asarray(tokens[sample], np.float32)))
         moments.stats(TokenStats).save(os.path.join(partial, "token_stats.json"))
         with open(os.path.join(partial, "meta.json"), "w") as file:
-            json.dump(dict(source=source, encoder=encoder.name_or_path, pool=encoder.pool, camera_key=camera_key,
-                           image_size=encoder.image_size, num_frames=metadata.total_frames, seconds=seconds), file,
-                      indent=1)
+            json.dump(meta, file, indent=1)
         if os.path.isdir(out):
             shutil.rmtree(out)
         os.replace(partial, out)
         os.remove(partial.rstrip("/") + ".lock")
-    return out, encoded / max(seconds, 1e-9)
+    return out
 
 
 def finished_episodes(partial):

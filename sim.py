@@ -322,12 +322,14 @@ def write_goal_images(directory="goals", n=4, seed=0):
 
 
 def write_toy_dataset(root, episodes, steps_per_episode=40, seed=0, explore=0.0, video=False, repo_id="toy/ee_world",
-                      fps=FPS, cameras=(CAMERA_KEY,)):
+                      fps=FPS, cameras=(CAMERA_KEY,), vcodec="libsvtav1", image_shape=(IMAGE_SIZE, IMAGE_SIZE)):
     """A LeRobot v3.0 dataset of `episodes` random trajectories (random_trajectory with `explore`).
     `action[t]` is the delta EE from frame t to t+1 (zero on the last frame). Written into
     `<root>.partial`, renamed when done; toy_spec.json in the root records the arguments. `fps`: the
     rate the dataset declares (the motion per frame is the same at any rate; tests of mixed rates).
-    `cameras`: the image keys, each holding the same rendering (tests of other and several cameras).
+    `cameras`: the image keys, each holding the same rendering (tests of other and several cameras);
+    `vcodec` (lerobot's: libsvtav1, h264, ...) and `image_shape` (h, w: the rendering resized) stand
+    in for other robots' recordings.
 
     Frames are stored losslessly (PNG, LeRobot "image" features) unless video=True (AV1 mp4, as
     DROID stores them). The demo stores them losslessly because the toy's stand-in encoder, a tiny
@@ -339,7 +341,7 @@ def write_toy_dataset(root, episodes, steps_per_episode=40, seed=0, explore=0.0,
     av.logging.set_libav_level(av.logging.ERROR)  # and its muxer one line per video file
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
     features = {
-        **{camera: {"dtype": "video" if video else "image", "shape": (IMAGE_SIZE, IMAGE_SIZE, 3),
+        **{camera: {"dtype": "video" if video else "image", "shape": (*image_shape, 3),
                     "names": ["height", "width", "channels"]} for camera in cameras},
         POSITION_KEY: {"dtype": "float32", "shape": (6,), "names": ["x", "y", "z", "roll", "pitch", "yaw"]},
         GRIPPER_KEY: {"dtype": "float32", "shape": (1,), "names": ["gripper"]},
@@ -347,11 +349,15 @@ def write_toy_dataset(root, episodes, steps_per_episode=40, seed=0, explore=0.0,
     }
     temporary = f"{root}.partial"
     shutil.rmtree(temporary, ignore_errors=True)
-    dataset = LeRobotDataset.create(repo_id, fps, features, root=temporary, robot_type="toy_ee", use_videos=video)
+    dataset = LeRobotDataset.create(repo_id, fps, features, root=temporary, robot_type="toy_ee", use_videos=video,
+                                    vcodec=vcodec)
     rng = np.random.default_rng(seed)
     for episode in range(episodes):
         poses = random_trajectory(rng, steps_per_episode, explore=explore)
         images = render_batch(poses)  # (steps, 64, 64, 3)
+        if tuple(image_shape) != (IMAGE_SIZE, IMAGE_SIZE):
+            images = np.stack([np.asarray(Image.fromarray(image).resize(image_shape[::-1], Image.BILINEAR))
+                               for image in images])
         applied = np.concatenate([delta_ee(poses[:-1], poses[1:]), np.zeros((1, 7))])
         for t in range(steps_per_episode):
             dataset.add_frame({**{camera: images[t] for camera in cameras}, POSITION_KEY: poses[t, :6].astype(np.float32),
@@ -362,7 +368,9 @@ def write_toy_dataset(root, episodes, steps_per_episode=40, seed=0, explore=0.0,
     with open(os.path.join(temporary, "toy_spec.json"), "w") as file:
         json.dump(dict(episodes=episodes, steps_per_episode=steps_per_episode, seed=seed, explore=explore,
                        video=video, **({} if fps == FPS else dict(fps=fps)),
-                       **({} if cameras == (CAMERA_KEY,) else dict(cameras=list(cameras)))), file)
+                       **({} if cameras == (CAMERA_KEY,) else dict(cameras=list(cameras))),
+                       **({} if (vcodec, tuple(image_shape)) == ("libsvtav1", (IMAGE_SIZE, IMAGE_SIZE)) else
+                          dict(vcodec=vcodec, image_shape=list(image_shape)))), file)
     os.replace(temporary, root)
     return root
 

@@ -52,6 +52,7 @@ import plan as plan_module
 import shortcut
 import sim
 import train as train_module
+import training_data
 from dynamics import DynamicsConfig, DynamicsModel
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -1114,8 +1115,8 @@ def test_train_each_dataset_names_its_cameras(toy_train_run, tiny_dinov2_dir, tm
     run = _elsewhere(argv, reference, tmp_path / "run")
     run[run.index("--labeled") + 1], run[run.index("--unlabeled") + 1] = labeled, unlabeled
     args = train_module.parse_arguments(run + ["--labeled-camera-key", "image", "--unlabeled-camera-keys", *cameras])
-    args.strides = train_module.frame_strides(args)
-    datasets = train_module.build_datasets(args, image_size=64)
+    args.strides = training_data.frame_strides(args)
+    datasets = training_data.build_datasets(args, image_size=64)
     one_camera = data_module.ClipDataset(unlabeled, "unlabeled", camera_key=cameras[1], clip_length=args.clip_length,
                                          image_size=64, episodes=datasets["unlabeled"][0].datasets[0].episodes)
     assert isinstance(datasets["unlabeled"][0], data_module.Streams) and len(datasets["unlabeled"][0]) == 2 * len(one_camera)
@@ -1124,6 +1125,39 @@ def test_train_each_dataset_names_its_cameras(toy_train_run, tiny_dinov2_dir, tm
                                     *cameras]) == 0
     with pytest.raises(SystemExit, match="has no camera 'observation.images.exterior_1_left'"):
         train_module.main(run + ["--out", str(tmp_path / "run2")])  # one key for both: the labelled set lacks it
+
+
+@SLOW
+def test_someone_elses_dataset_through_the_clis(tiny_dinov2_dir, toy_unlabeled_root, tmp_path):
+    """A labelled set recorded elsewhere (h264 video, 72x96 px, 30 fps, its one camera called `image`)
+    beside the toy's action-free AV1 video at 15 fps: encode both (one in two shards), train from the
+    caches, evaluate on the h264 set: every step through the command lines a user types."""
+    labeled = sim.write_toy_dataset(str(tmp_path / "inhouse"), episodes=4, steps_per_episode=24, seed=9, video=True,
+                                    vcodec="h264", image_shape=(72, 96), fps=30, cameras=("image",))
+
+    def cli(program, *arguments):
+        result = subprocess.run([sys.executable, os.path.join(HERE, program), *map(str, arguments)], cwd=tmp_path,
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stdout
+
+    common = ["--encoder", tiny_dinov2_dir, "--pool", "2"]
+    cli("encoder.py", "--dataset", labeled, "--camera-key", "image", "--out", tmp_path / "cache_l", "--num-workers", "1",
+        *common)
+    assert "shard 0/2 done" in cli("encoder.py", "--dataset", toy_unlabeled_root, "--out", tmp_path / "cache_u",
+                                   "--shard", "0/2", *common)
+    assert "wrote" in cli("encoder.py", "--dataset", toy_unlabeled_root, "--out", tmp_path / "cache_u", "--shard", "1/2",
+                          *common)
+    cli("train.py", "--labeled", labeled, "--unlabeled", toy_unlabeled_root, "--labeled-camera-key", "image",
+        "--fps", "15", "--feature-cache", tmp_path / "cache_l", tmp_path / "cache_u", "--preset", "tiny", "--steps", "4",
+        "--batch-size", "4", "--clip-length", "4", "--warmup", "1", "--val-every", "0", "--stats-batches", "1",
+        "--labeled-fraction", "0.5", "--out", tmp_path / "run", *common)
+    checkpoint = checkpoint_module.load_safely(str(tmp_path / "run" / "checkpoint.pt"))
+    assert checkpoint["train_args"]["strides"] == {"labeled": 2, "unlabeled": 1}
+    cli("eval.py", "--checkpoint", tmp_path / "run" / "checkpoint.pt", "--context", "1", "--horizon", "2", "--clips", "2",
+        "--K", "1", "--no-closed-loop")
+    report = json.load(open(tmp_path / "run" / "eval" / "report.json"))
+    assert report["clips"] >= 1 and np.isfinite(report["action_gap"])
 
 
 @SLOW

@@ -27,8 +27,14 @@ mean and std measured on training frames (TokenStats), so that unit-variance noi
 matching is on the same scale as the data in every channel.
 
 Feature cache. `python encoder.py --dataset SRC --out DIR` runs DINOv2 once over every frame of a
-dataset and stores the tokens (float16, memory-mapped); `train.py --feature-cache` then trains
-without decoding video or running DINOv2 at all.
+dataset and stores the tokens (float16, memory-mapped, row i = absolute frame i); `train.py
+--feature-cache` then trains without decoding video or running DINOv2 at all. At DROID's scale
+(~26 M frames) the decoding is the cost, so each episode's video is read front to back in chunks
+(not one seek per frame) by DataLoader workers while DINOv2 runs; `--shard i/n` (or one shard per
+torchrun rank) splits the episodes between processes and machines writing the same cache; every
+finished episode is recorded, so a stopped run resumes from `<out>.partial` where it stopped, and
+the last shard to finish renames it to `out`. A finished cache is never replaced without
+--overwrite.
 """
 import argparse
 import contextlib

@@ -31,7 +31,7 @@ absolute numbers drift. What is measured, and the slow alternative each is compa
    candidates of an iteration in one batched rollout, against one rollout per candidate (timed on a
    few candidates and scaled to 300: the loop's cost is linear in the candidates). On CPU for the
    tiny preset only: at the small preset one step would take tens of minutes there.
-6. Data: clips/s from LeRobot video decoding + DINOv2 on the fly, against reading the feature
+6. Data: clips/s from a LeRobot dataset (the toy's PNG frames) + DINOv2 on the fly, against reading the feature
    cache that `python encoder.py` writes; for the toy tiny DINOv2 and for a DINOv2-S-sized encoder
    (random weights: same FLOPs as the real one, no download) at 224 px. And writing that cache from
    AV1 video, frames/s of one process: each episode decoded front to back in chunks (encoder.py)
@@ -370,8 +370,8 @@ def model_tables(report):
 def data_tables(report):
     lines = []
     lines += markdown_table(
-        "Data: clips of 8 frames per second",
-        ["encoder", "LeRobot video + DINOv2 on the fly", "feature cache", "speed-up", "peak mem on the fly",
+        "Data: clips of 8 frames per second (toy dataset, PNG frames)",
+        ["encoder", "LeRobot frames + DINOv2 on the fly", "feature cache", "speed-up", "peak mem on the fly",
          "peak mem cached"],
         [[e["encoder"], f"{e['on_the_fly_clips_per_s']:.1f}", f"{e['cached_clips_per_s']:.0f}",
           f"{e['cached_clips_per_s'] / e['on_the_fly_clips_per_s']:.0f}×", megabytes(e["on_the_fly_peak_bytes"]),

@@ -13,7 +13,7 @@ Both training programs run the same loop, in the same named steps:
     folder = RunFolder(args.out, args.resume, args.overwrite)  # checked before any long work
     optimizer, scheduler = make_optimizer(parameters, lr, weight_decay, warmup, steps)
     start = restore_training_state(resumed, model, optimizer, scheduler)
-    log = folder.open_log(resumed)                             # cut back to the resumed step
+    log = folder.open_log(resumed_step)                        # cut back to the resumed step
     with StopRequest() as stop:                                # Ctrl-C / SIGTERM: finish the step, save
         for step in range(start, steps):
             loss = ...                                         # the program's own loss
@@ -124,7 +124,7 @@ def resume_from(path, expected_format=CHECKPOINT_FORMAT, required=TRAINING_KEYS)
         resumed = load_safely(path, expected_format, required)
     except CheckpointError as error:
         raise SystemExit(f"error: {error}")
-    if not all(torch.isfinite(tensor).all() for tensor in resumed["model"].values() if tensor.is_floating_point()):
+    if not finite_weights(resumed["model"]):
         raise SystemExit(f"error: {path} holds NaN or infinite weights: it cannot be continued")
     return resumed
 
@@ -142,8 +142,9 @@ def writable_folder(folder):
     return folder
 
 
-def finite_weights(module):
-    return all(torch.isfinite(tensor).all() for tensor in module.state_dict().values() if tensor.is_floating_point())
+def finite_weights(state_dict):
+    """Whether every floating-point tensor of a state dict is finite (no NaN, no infinity)."""
+    return all(torch.isfinite(tensor).all() for tensor in state_dict.values() if tensor.is_floating_point())
 
 
 def json_line(record):
@@ -185,7 +186,7 @@ class RunFolder:
 
     def save(self, payload, *modules):
         """Write `payload` atomically, after checking that the weights of `modules` are all finite."""
-        if not all(finite_weights(module) for module in modules if module is not None):
+        if not all(finite_weights(module.state_dict()) for module in modules if module is not None):
             raise SystemExit(f"error: the weights became NaN or infinite by step {payload['step']}; not saved. "
                              f"{self.last_good()}")
         try:

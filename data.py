@@ -200,6 +200,13 @@ def square_resize(frames, size):
     return frames[..., top:top + size, left:left + size].clamp(0, 1)
 
 
+def check_camera(source, features, camera_key):
+    """One clear line when a dataset (its metadata's `features`) has no camera `camera_key`."""
+    if camera_key not in features or features[camera_key]["dtype"] not in ("video", "image"):
+        available = ", ".join(key for key in features if key.startswith(("observation", "action")))
+        raise DatasetError(f"{source!r} has no camera {camera_key!r}; its keys: {available}")
+
+
 # ----------------------------------------------------------------------------------------------
 # Clips.
 
@@ -258,8 +265,7 @@ class ClipDataset(torch.utils.data.Dataset):
     def check_keys(self):
         features = self.metadata.features
         available = ", ".join(key for key in features if key.startswith(("observation", "action")))
-        if self.camera_key not in features or features[self.camera_key]["dtype"] not in ("video", "image"):
-            raise DatasetError(f"{self.source!r} has no camera {self.camera_key!r}; its keys: {available}")
+        check_camera(self.source, features, self.camera_key)
         if self.role == "labeled":
             missing = [key for key in self.state_keys if key not in features]
             if missing and self.source in ALIASES:

@@ -37,6 +37,7 @@ the last shard to finish renames it to `out`. A finished cache is never replaced
 --overwrite.
 """
 import argparse
+import collections
 import contextlib
 import fcntl
 import itertools
@@ -205,10 +206,9 @@ class EpisodeFrames(torch.utils.data.Dataset):
     front to back, one decoder call per chunk, instead of one seek per frame; DataLoader workers
     decode chunks in parallel while the main process runs DINOv2."""
 
-    def __init__(self, source, camera_key, image_size, episodes, chunk=64):
+    def __init__(self, repo_id, root, metadata, camera_key, image_size, episodes, chunk=64):
         from lerobot.datasets.lerobot_dataset import LeRobotDataset
-        repo_id, root, _, self.metadata = data.load_metadata(source)
-        self.camera_key, self.image_size = camera_key, image_size
+        self.metadata, self.camera_key, self.image_size = metadata, camera_key, image_size
         self.video = self.metadata.features[camera_key]["dtype"] == "video"
         # downloads what is missing (videos included) and gives the local root; images come from its rows
         self.lerobot = LeRobotDataset(repo_id, root=root, episodes=list(episodes), download_videos=self.video,
@@ -247,10 +247,8 @@ def write_feature_cache(source, out, encoder, camera_key, batch_size=64, num_wor
     finds every episode done finishes the cache and renames it to `out`. Returns (out or None while
     other shards are still running, frames/s of this process)."""
     check_cache_destination(out, overwrite)
-    _, _, episode_filter, metadata = data.load_metadata(source)
-    if camera_key not in metadata.features:
-        raise data.DatasetError(f"{source!r} has no camera {camera_key!r}; its keys: "
-                                f"{', '.join(key for key in metadata.features if key.startswith('observation'))}")
+    repo_id, root, episode_filter, metadata = data.load_metadata(source)
+    data.check_camera(source, metadata.features, camera_key)
     partial = out.rstrip("/") + ".partial"
     episodes = [e for e in range(metadata.total_episodes) if episode_filter is None or episode_filter(e)]
     shape = (metadata.total_frames, encoder.num_tokens, encoder.token_dim)
@@ -266,10 +264,11 @@ def write_feature_cache(source, out, encoder, camera_key, batch_size=64, num_wor
         raise data.DatasetError(f"{partial!r} holds an unfinished cache of another shape {tokens.shape}; remove it")
     index, count = shard
     done_path = os.path.join(partial, f"done-{index}-of-{count}.txt")
-    todo = [e for e in episodes if e % count == index and e not in finished_episodes(partial)]
-    frames = EpisodeFrames(source, camera_key, encoder.image_size, todo, chunk=batch_size)
+    finished = finished_episodes(partial)
+    todo = [e for e in episodes if e % count == index and e not in finished]
+    frames = EpisodeFrames(repo_id, root, metadata, camera_key, encoder.image_size, todo, chunk=batch_size)
     start_time, encoded = time.perf_counter(), 0
-    remaining = {e: sum(1 for chunk in frames.chunks if chunk[0] == e) for e in todo}
+    remaining = collections.Counter(episode for episode, _, _ in frames.chunks)  # chunks still to encode
     loader = torch.utils.data.DataLoader(frames, batch_size=None, num_workers=num_workers)
     with open(done_path, "a") as done, tqdm(total=sum(c[2] - c[1] for c in frames.chunks), unit="frame",
                                             desc=f"encoding {source} (shard {index}/{count})") as progress:

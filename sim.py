@@ -45,7 +45,6 @@ import os
 import shutil
 import sys
 
-import av
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
@@ -337,6 +336,7 @@ def write_toy_dataset(root, episodes, steps_per_episode=40, seed=0, explore=0.0,
     an AV1 frame differ from those of its exact rendering by a token MSE of 0.05-0.07, more than one
     step of motion changes them (0.04), so a model trained on AV1 frames learned the codec's noise
     and planned on exact renderings it had never seen."""
+    import av  # PyAV, lerobot's video writer: only needed here
     os.environ.setdefault("SVT_LOG", "1")  # the AV1 encoder prints its whole configuration otherwise
     av.logging.set_libav_level(av.logging.ERROR)  # and its muxer one line per video file
     from lerobot.datasets.lerobot_dataset import LeRobotDataset

@@ -1514,6 +1514,11 @@ def _logged_steps(folder):
     return [json.loads(line)["step"] for line in open(os.path.join(folder, "log.jsonl"))]
 
 
+def _bad_train_flag(*flags, code, fragment):
+    """A case of the table below: the reference run's arguments with `flags` added, in a new folder."""
+    return (lambda b: (train_module.main, b.train(b.tmp / "x", *flags)), code, fragment, lambda b: [], None)
+
+
 # name: (setup(b) -> (main, argv), exit code, message fragment, paths that must not change (from b), after(b))
 BAD_INPUTS = {
     "resume_writes_where_its_checkpoint_lives": (
@@ -1571,22 +1576,14 @@ BAD_INPUTS = {
         lambda b: (train_module.main, ["--labeled", "droid_subset", "--unlabeled", "droid", "--out",
                                        str(b.tmp / "droid")]),
         1, "cannot reach dataset", lambda b: [], None),
-    "save_every_0": (lambda b: (train_module.main, b.train(b.tmp / "x", "--save-every", "0")), 2,
-                     "--save-every must be positive", lambda b: [], None),
-    "log_every_0": (lambda b: (train_module.main, b.train(b.tmp / "x", "--log-every", "0")), 2,
-                    "--log-every must be positive", lambda b: [], None),
-    "val_batches_0": (lambda b: (train_module.main, b.train(b.tmp / "x", "--val-batches", "0")), 2,
-                      "--val-batches must be positive", lambda b: [], None),
-    "pool_0": (lambda b: (train_module.main, b.train(b.tmp / "x", "--pool", "0")), 2, "--pool must be positive",
-               lambda b: [], None),
-    "pool_3_on_the_toy_grid": (lambda b: (train_module.main, b.train(b.tmp / "x", "--pool", "3")), 1,
-                               "pool 3 does not divide", lambda b: [], None),
-    "num_workers_negative": (lambda b: (train_module.main, b.train(b.tmp / "x", "--num-workers", "-1")), 2,
-                             "--num-workers", lambda b: [], None),
-    "cuda_without_a_gpu": (lambda b: (train_module.main, b.train(b.tmp / "x", "--device", "cuda")), 2,
-                           "no CUDA device", lambda b: [], None),
-    "val_fraction_0": (lambda b: (train_module.main, b.train(b.tmp / "x", "--val-fraction", "0")), 2,
-                       "--val-fraction 0 holds out no episode", lambda b: [], None),
+    "save_every_0": _bad_train_flag("--save-every", "0", code=2, fragment="--save-every must be positive"),
+    "log_every_0": _bad_train_flag("--log-every", "0", code=2, fragment="--log-every must be positive"),
+    "val_batches_0": _bad_train_flag("--val-batches", "0", code=2, fragment="--val-batches must be positive"),
+    "pool_0": _bad_train_flag("--pool", "0", code=2, fragment="--pool must be positive"),
+    "pool_3_on_the_toy_grid": _bad_train_flag("--pool", "3", code=1, fragment="pool 3 does not divide"),
+    "num_workers_negative": _bad_train_flag("--num-workers", "-1", code=2, fragment="--num-workers"),
+    "cuda_without_a_gpu": _bad_train_flag("--device", "cuda", code=2, fragment="no CUDA device"),
+    "val_fraction_0": _bad_train_flag("--val-fraction", "0", code=2, fragment="--val-fraction 0 holds out no episode"),
     "feature_cache_with_empty_meta": (
         lambda b: ((b.tmp / "c1").mkdir(), (b.tmp / "c1" / "meta.json").write_text("{}"),
                    np.save(b.tmp / "c1" / "tokens.npy", np.zeros(1)),

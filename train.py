@@ -108,7 +108,7 @@ def build_argument_parser():
                             "action-free camera")
     group.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes")
     group = parser.add_argument_group("encoder")
-    group.add_argument("--encoder", default="facebook/dinov2-with-registers-small",
+    group.add_argument("--encoder", default=encoder_module.DEFAULT_ENCODER,
                        help="DINOv2 hub id or local folder (the toy demo uses a tiny local one)")
     group.add_argument("--pool", type=int, default=1, help="k x k average pooling of the patch grid")
     group.add_argument("--stats-batches", type=int, default=8, help="batches used for token statistics")

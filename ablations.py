@@ -33,10 +33,12 @@ from checkpoint import CheckpointError, load_safely, writable_folder
 class Variant(NamedTuple):
     """One change to the recipe. flags: extra train.py flags. data: which toy datasets play the
     labelled and the action-free role (DATA). coarse_encoder: the earlier toy encoder (8 px patches,
-    width 64, pool 2) instead of the demo's."""
+    width 64, pool 2) instead of the demo's. corpus: both toy sets this many times the demo's
+    episodes, the same 5 % labelled (sim.ensure_toy_datasets' scale)."""
     flags: tuple = ()
     data: str = "demo"
     coarse_encoder: bool = False
+    corpus: int = 1
 
 
 # data -> (labelled role, action-free role, labelled fraction or None for the demo's 5 %), where
@@ -57,15 +59,17 @@ ABLATIONS = {
     "labeled_5_alone": Variant(data="labeled_alone"),
     "av1_video": Variant(data="av1"),
     "coarse_encoder": Variant(coarse_encoder=True),
+    "corpus_4x": Variant(corpus=4),  # 32 labelled + 608 action-free episodes: more distinct labelled motions
 }
 
 
 def ablation_arguments(name, steps, seed, out, extra=(), toy_datasets=None):
-    """train.py arguments of one variant. toy_datasets: {"demo": (labelled, unlabelled), "av1": ...}
-    roots, default the demo's (written on first use)."""
+    """train.py arguments of one variant. toy_datasets: {"demo": (labelled, unlabelled), "av1": ...,
+    "x4": ...} roots, default the demo's (written on first use)."""
     variant = ABLATIONS[name]
     video = variant.data == "av1"
-    roots = (toy_datasets or {}).get("av1" if video else "demo") or sim.ensure_toy_datasets(video=video)
+    key = "av1" if video else f"x{variant.corpus}" if variant.corpus != 1 else "demo"
+    roots = (toy_datasets or {}).get(key) or sim.ensure_toy_datasets(video=video, scale=variant.corpus)
     sets = dict(zip(("labeled", "unlabeled"), roots))
     labeled_role, unlabeled_role, labeled_fraction = DATA[variant.data]
     argv = ["--toy", "--labeled", sets[labeled_role], "--unlabeled", sets[unlabeled_role], "--steps", str(steps),

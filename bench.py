@@ -9,13 +9,14 @@ against its slow alternative in the same run, so the ratio holds even on a busy 
 absolute numbers drift. What is measured, and the slow alternative each is compared with:
 
 1. Training step (forward + backward + AdamW) of the dynamics model on random tokens, for each
-   preset: frames/s, tokens/s and model FLOP utilisation (MFU):
+   preset (fp32 on CPU, bf16 autocast on GPU; on CPU the tiny preset in bf16 autocast too):
+   frames/s, tokens/s and model FLOP utilisation (MFU):
 
        MFU = (FLOPs of one step / seconds per step) / (this machine's matrix-multiply rate)
 
    The step's FLOPs are counted, not estimated: torch.utils.flop_counter.FlopCounterMode records
    every matmul and attention call of one real step (forward and backward). The matmul rate is
-   measured with a large square matmul (fp32 on CPU, bf16 on GPU): 2n³ FLOPs over its fastest run,
+   measured with a large square matmul in the step's precision: 2n³ FLOPs over its fastest run,
    at the start and again right after each training figure; MFU divides by the best rate seen. On a
    shared machine a busy spell slows the matmul too, and a rate measured in one would overstate the
    MFU (a first version read 158 %); against the best rate, a busy spell can only lower it.
@@ -27,15 +28,19 @@ absolute numbers drift. What is measured, and the slow alternative each is compa
    (each past frame is computed once) against recomputing the whole past at every denoising step.
    With the cache the cost per frame should stay nearly flat; without, it grows with the horizon.
 4. Sampling: time per frame with K = 4 shortcut steps against K = 64 (what plain diffusion needs).
-5. One CEM MPC step at the planner's defaults (300 samples × horizon 5 × K = 4, 10 iterations): all
-   candidates of an iteration in one batched rollout, against one rollout per candidate (timed on a
-   few candidates and scaled to 300: the loop's cost is linear in the candidates). On CPU for the
-   tiny preset only: at the small preset one step would take tens of minutes there.
+5. One CEM MPC step at DINO-WM's size (300 samples × horizon 5, 10 iterations): all candidates of
+   an iteration in one batched rollout, against one rollout per candidate (timed on a few candidates
+   and scaled to 300: the loop's cost is linear in the candidates); at K = 4 in fp32 (the planner's
+   default for real checkpoints), at K = 1, and at K = 1 in bf16 (autocast, also on CPU). Each plan
+   against its FLOP bound: its FLOPs, counted like the training step's, over the measured matmul
+   rate of its precision. On CPU the small preset plans 64 samples × 1 iteration (the full size would
+   take tens of minutes there): enough for its time / bound ratio.
 6. Data: clips/s from a LeRobot dataset (the toy's PNG frames) + DINOv2 on the fly, against reading the feature
    cache that `python encoder.py` writes; for the toy tiny DINOv2 and for a DINOv2-S-sized encoder
    (random weights: same FLOPs as the real one, no download) at 224 px. And writing that cache from
    AV1 video, frames/s of one process: each episode decoded front to back in chunks (encoder.py)
-   against one seek per frame (reading the dataset item by item).
+   against one seek per frame (reading the dataset item by item); and of 2 shard processes
+   (--shard 0/2 and 1/2) sharing the machine, timed from when both have loaded their model.
 7. Peak memory of each (timing.py: on CPU the peak resident memory above the start, in one extra
    untimed run with malloc set up so that resident memory follows the tensors).
 """
@@ -79,13 +84,13 @@ def random_batch(config, batch_size, frames, device, seed=0):
     return z.to(device), actions.to(device), mask.to(device)
 
 
-def bench_training(preset, batch_size, frames, device, repeats, measure_matmul_rate):
+def bench_training(preset, batch_size, frames, device, repeats, measure_matmul_rate, precision):
     torch.manual_seed(0)
     config = bench_config(preset)
     model = DynamicsModel(config).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
     z, actions, mask = random_batch(config, batch_size, frames, device)
-    use_bf16 = device.type == "cuda"
+    use_bf16 = precision == "bf16"
     generator = torch.Generator(device).manual_seed(0)
 
     def step():
@@ -105,7 +110,7 @@ def bench_training(preset, batch_size, frames, device, repeats, measure_matmul_r
     seconds = timing["seconds"]
     tokens = batch_size * frames * config.tokens_per_frame
     return dict(preset=preset, parameters=model.num_parameters(), batch_size=batch_size, frames=frames,
-                precision="bf16" if use_bf16 else "fp32", seconds=seconds, frames_per_s=batch_size * frames / seconds,
+                precision=precision, seconds=seconds, frames_per_s=batch_size * frames / seconds,
                 tokens_per_s=tokens / seconds, flops_per_step=flops, flops_per_s=flops / seconds,
                 peak_bytes=timing["peak_bytes"])
 
@@ -189,22 +194,33 @@ def bench_sampling_steps(preset, batch_size, horizon, device, repeats):
 
 
 def bench_cem(preset, device, repeats, samples=300, horizon=5, iterations=10, loop_candidates=4):
+    """One plan at K = 4 in fp32 (the planner's default for real checkpoints), at K = 1, and at K = 1
+    in bf16; each plan's FLOPs are counted (its FLOP bound is computed in main, from the matmul rate
+    of its precision). The slow alternative of the first: one rollout per candidate."""
     torch.manual_seed(0)
     model = DynamicsModel(bench_config(preset)).to(device).eval()
     config = model.config
     stats = data.ActionStats(torch.zeros(7), torch.ones(7))
-    learned = LearnedModel(model, None, None, stats, K=4)
     context = (torch.randn(2, config.num_tokens, config.token_dim, device=device), None)  # 2 action-free frames
     goal = torch.randn(config.num_tokens, config.token_dim, device=device)
-    planner = CEMPlanner(learned, horizon=horizon, samples=samples, top_k=samples // 10, iterations=iterations)
-    batched = measure(lambda: planner.plan(context, goal), device, repeats)
-    # the slow alternative: one rollout per candidate; timed on a few, scaled to samples x iterations
-    one_by_one = CEMPlanner(learned, horizon=horizon, samples=1, top_k=1, iterations=1)
+    results = []
+    for K, precision in ((4, "fp32"), (1, "fp32"), (1, "bf16")):
+        learned = LearnedModel(model, None, None, stats, K=K, precision=precision)
+        planner = CEMPlanner(learned, horizon=horizon, samples=samples, top_k=samples // 10, iterations=iterations)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            planner.plan(context, goal)
+        batched = measure(lambda: planner.plan(context, goal), device, repeats)
+        results.append(dict(preset=preset, samples=samples, horizon=horizon, iterations=iterations, K=K,
+                            precision=precision, seconds=batched["seconds"], flops=counter.get_total_flops(),
+                            peak_bytes=batched["peak_bytes"]))
+    # the slow alternative of the first: one rollout per candidate; timed on a few, scaled to samples x iterations
+    one_by_one = CEMPlanner(LearnedModel(model, None, None, stats, K=4), horizon=horizon, samples=1, top_k=1,
+                            iterations=1)
     single = measure(lambda: [one_by_one.score(context, goal, torch.zeros(1, horizon, 7))
                               for _ in range(loop_candidates)], device, repeats)
-    looped = single["seconds"] / loop_candidates * samples * iterations
-    return dict(preset=preset, samples=samples, horizon=horizon, iterations=iterations, K=4,
-                seconds=batched["seconds"], peak_bytes=batched["peak_bytes"], looped_seconds=looped)
+    results[0]["looped_seconds"] = single["seconds"] / loop_candidates * samples * iterations
+    return results
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,8 +273,8 @@ def bench_data(work, device, batches, quick):
 def bench_encoding(work, device, quick):
     """Frames/s of one process encoding AV1 video into a feature cache: episodes decoded front to
     back (encoder.py), also with 2 decoding workers, against one seek per frame (LeRobotDataset item
-    by item). Shards are independent processes: n of them encode n times as fast where there are
-    n times the devices."""
+    by item); and of 2 shard processes sharing this machine's threads. Shards are independent
+    processes: n of them encode n times as fast where there are n times the devices."""
     root = sim.write_toy_dataset(os.path.join(work, "toy_av1"), episodes=4, steps_per_episode=40, seed=4, video=True)
     results = []
     for label, path, pool in bench_encoders(work, quick):
@@ -279,8 +295,39 @@ def bench_encoding(work, device, quick):
         for name, run in (("in_order", in_order(0)), ("workers", in_order(2)), ("per_frame", per_frame)):
             timing = measure(run, device, repeats=1, warmup=0)  # decoding is slow: once
             entry[f"{name}_frames_per_s"], entry[f"{name}_peak_bytes"] = total / timing["seconds"], timing["peak_bytes"]
+        entry["shards_frames_per_s"] = total / encode_in_shards(root, os.path.join(work, "sharded"), path, pool, device)
         results.append(entry)
     return results
+
+
+def encode_in_shards(root, out, encoder_path, pool, device, shards=2):
+    """Seconds for `shards` processes (--shard i/n), each with 1/n of the CPU threads, to write one
+    cache together: timed from when every process has loaded its model to when the last one ends
+    (the one that finds every episode done finishes the cache)."""
+    context = torch.multiprocessing.get_context("spawn")
+    ready = context.Barrier(shards + 1)
+    threads = max(1, torch.get_num_threads() // shards)
+    processes = [context.Process(target=encode_shard, args=(root, out, encoder_path, pool, str(device), (i, shards),
+                                                            threads, ready)) for i in range(shards)]
+    for process in processes:
+        process.start()
+    ready.wait()
+    start = time.perf_counter()
+    for process in processes:
+        process.join()
+    seconds = time.perf_counter() - start
+    if any(process.exitcode != 0 for process in processes) or not os.path.isdir(out):
+        raise RuntimeError(f"a shard process failed (exit codes {[process.exitcode for process in processes]})")
+    return seconds
+
+
+def encode_shard(root, out, encoder_path, pool, device, shard, threads, ready):
+    """One shard process of encode_in_shards."""
+    torch.set_num_threads(threads)
+    frozen = encoder_module.Encoder(encoder_path, pool=pool).to(device)
+    ready.wait()
+    encoder_module.write_feature_cache(root, out, frozen, data.CAMERA_KEY, batch_size=32, device=device,
+                                       overwrite=True, shard=shard)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -320,7 +367,9 @@ def markdown_intro(report):
         f"Machine: {machine['device_name']}, {machine['threads']} torch threads, torch {machine['torch']}, "
         f"Python {machine['python']}. Measured matmul rate: **{machine['matmul_gflops']:.1f} GFLOP/s** "
         f"({machine['matmul_dtype']}, n = {machine['matmul_n']}; the best run, at the start and after each training "
-        f"figure; MFU is against it). Each figure: median of {report['repeats']} "
+        f"figure; MFU is against the rate of its precision: bf16 {machine['matmul_gflops_by_precision']['bf16']:.1f}, "
+        f"fp32 {machine['matmul_gflops_by_precision']['fp32']:.1f}, each also measured after the planning figures, "
+        f"which are compared with them too). Each figure: median of {report['repeats']} "
         "runs after warm-up. Peak memory on CPU: resident memory above the start, in one extra run after malloc "
         "handed back the memory it kept (n/a: under 1 MB, or not Linux).")
 
@@ -357,13 +406,17 @@ def model_tables(report):
         "Sampling steps per frame (KV cache)", ["preset", "batch", "K", "per frame", "peak mem"],
         [[e["preset"], str(e["batch_size"]), str(e["K"]), milliseconds(e["per_frame"]), megabytes(e["peak_bytes"])]
          for e in report["sampling"]])
+    reference = {e["preset"]: e for e in report["cem"] if "looped_seconds" in e}
     lines += markdown_table(
-        "One CEM MPC step (one plan)",
-        ["preset", "samples × horizon × iterations", "K", "batched", "one rollout per candidate", "speed-up",
-         "peak mem"],
-        [[e["preset"], f"{e['samples']} × {e['horizon']} × {e['iterations']}", str(e["K"]), f"{e['seconds']:.2f} s",
-          f"{e['looped_seconds']:.1f} s (scaled from a few)", f"{e['looped_seconds'] / e['seconds']:.0f}×",
-          megabytes(e["peak_bytes"])] for e in report["cem"]])
+        "One CEM MPC step (one plan): batched, and against its FLOP bound (its FLOPs at the measured matmul rate of "
+        "its precision)",
+        ["preset", "samples × horizon × iterations", "K", "precision", "one plan", "GFLOP", "FLOP bound",
+         "time / bound", "speed-up vs K = 4 fp32", "one rollout per candidate", "peak mem"],
+        [[e["preset"], f"{e['samples']} × {e['horizon']} × {e['iterations']}", str(e["K"]), e["precision"],
+          f"{e['seconds']:.2f} s", f"{e['flops'] / 1e9:.0f}", f"{e['bound_seconds']:.2f} s",
+          f"{e['seconds'] / e['bound_seconds']:.1f}×", f"{reference[e['preset']]['seconds'] / e['seconds']:.1f}×",
+          f"{e['looped_seconds']:.1f} s (scaled from a few; {e['looped_seconds'] / e['seconds']:.0f}× slower)"
+          if "looped_seconds" in e else "", megabytes(e["peak_bytes"])] for e in report["cem"]])
     return lines
 
 
@@ -377,12 +430,12 @@ def data_tables(report):
           f"{e['cached_clips_per_s'] / e['on_the_fly_clips_per_s']:.0f}×", megabytes(e["on_the_fly_peak_bytes"]),
           megabytes(e["cached_peak_bytes"])] for e in report["data"]])
     lines += markdown_table(
-        "Encoding video into the feature cache: frames/s of one process (AV1, 4 episodes x 40 frames)",
+        "Encoding video into the feature cache: frames/s (AV1, 4 episodes x 40 frames)",
         ["encoder", "episodes in order (encoder.py)", "in order, 2 decoding workers", "one seek per frame",
-         "speed-up (in order)", "peak mem in order"],
+         "speed-up (in order)", "2 shards, 2 processes (half the threads each)", "peak mem in order"],
         [[e["encoder"], f"{e['in_order_frames_per_s']:.0f}", f"{e['workers_frames_per_s']:.0f}",
           f"{e['per_frame_frames_per_s']:.0f}", f"{e['in_order_frames_per_s'] / e['per_frame_frames_per_s']:.1f}×",
-          megabytes(e["in_order_peak_bytes"])]
+          f"{e['shards_frames_per_s']:.0f}", megabytes(e["in_order_peak_bytes"])]
          for e in report["encoding"]])
     return lines
 
@@ -419,28 +472,38 @@ def main(argv=None):
     if device.type == "cuda" or args.compile:
         backends += [("flex", 50.0)]
     matmul_n = 4096 if device.type == "cuda" else (512 if args.quick else 1024)
-    rates = [matmul_rate(device, matmul_n, repeats)]
+    dtypes = dict(fp32=torch.float32, bf16=torch.bfloat16)
+    training_precision = "bf16" if device.type == "cuda" else "fp32"
+    rates = {name: [matmul_rate(device, matmul_n, repeats, dtype)] for name, dtype in dtypes.items()}
 
     report = dict(date=time.strftime("%Y-%m-%d"), quick=args.quick, repeats=repeats, machine=dict(
         device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
         threads=torch.get_num_threads(), torch=torch.__version__, python=platform.python_version(),
-        matmul_n=matmul_n, matmul_dtype="bf16" if device.type == "cuda" else "fp32"))
+        matmul_n=matmul_n, matmul_dtype=training_precision))
     # On CPU the larger presets are timed once (after one warm-up): a figure of theirs takes minutes.
-    # A CEM step at the defaults imagines 300 x 5 frames 10 times: on CPU the tiny preset only, once.
+    # A CEM step at DINO-WM's size imagines 300 x 5 frames 10 times: on CPU the tiny preset once, and the
+    # small preset (its time / bound ratio) at 64 samples x 1 iteration.
     runs = {p: repeats if p == "tiny" or device.type == "cuda" else 1 for p in presets}
-    planned = presets if device.type == "cuda" else ["tiny"]
+    planned = presets
+    plan_sizes = {p: dict(samples=300, iterations=10) for p in presets}
+    if args.quick:
+        plan_sizes["tiny"] = dict(samples=30, iterations=2)
+    elif device.type != "cuda":
+        plan_sizes["small"] = dict(samples=64, iterations=1)
+    # training: each preset in the device's precision; on CPU the tiny preset in bf16 autocast too
+    trained = [(p, training_precision) for p in presets] + ([("tiny", "bf16")] if device.type != "cuda" else [])
     steps = [("training", lambda: [bench_training(p, training_batch[p], frames, device, runs[p],
-                                                  lambda: rates.append(matmul_rate(device, matmul_n, repeats)))
-                                   for p in presets]),
+                                                  lambda: rates[precision].append(
+                                                      matmul_rate(device, matmul_n, repeats, dtypes[precision])),
+                                                  precision) for p, precision in trained]),
              ("attention", lambda: [e for p in presets for e in bench_attention(p, training_batch[p], frames, device,
                                                                                  runs[p], backends)]),
              ("rollout", lambda: [e for p in presets for e in bench_rollout(
                  p, 4 if p != "droid" else 16, [4, 8] if args.quick else [4, 8, 16, 32], device, runs[p],
-                 recompute_up_to=8 if args.quick or p != "tiny" else 32)]),
+                 recompute_up_to=8 if args.quick else dict(tiny=32, small=16).get(p, 8))]),
              ("sampling", lambda: [e for p in presets for e in bench_sampling_steps(p, 4, 2, device, runs[p])]),
-             ("cem", lambda: [bench_cem(p, device, runs[p] if args.quick or device.type == "cuda" else 1,
-                                        samples=30 if args.quick else 300,
-                                        iterations=2 if args.quick else 10) for p in planned]),
+             ("cem", lambda: [e for p in planned for e in bench_cem(
+                 p, device, runs[p] if args.quick or device.type == "cuda" else 1, **plan_sizes[p])]),
              ("data", lambda: bench_data(work, device, batches=2 if args.quick else 4, quick=args.quick)),
              ("encoding", lambda: bench_encoding(work, device, quick=args.quick))]
     with tempfile.TemporaryDirectory(prefix="bench_") as work:
@@ -449,9 +512,16 @@ def main(argv=None):
             print(f"[bench] {name} ...", file=sys.stderr, flush=True)
             report[name] = run()
             print(f"[bench] {name}: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
-    report["machine"]["matmul_gflops"] = max(rates) / 1e9  # the best of every measurement
+            if name == "cem":  # the rates again, right after the planning figures
+                for precision, dtype in dtypes.items():
+                    rates[precision].append(matmul_rate(device, matmul_n, repeats, dtype))
+    best = {precision: max(measured) for precision, measured in rates.items()}  # the best of every measurement
+    report["machine"].update(matmul_gflops=best[training_precision] / 1e9,
+                             matmul_gflops_by_precision={p: rate / 1e9 for p, rate in best.items()})
     for entry in report["training"]:
-        entry["mfu"] = entry["flops_per_s"] / max(rates)
+        entry["mfu"] = entry["flops_per_s"] / best[entry["precision"]]
+    for entry in report["cem"]:
+        entry["bound_seconds"] = entry["flops"] / best[entry["precision"]]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     write_markdown(args.out, report)
     with open(os.path.splitext(args.out)[0] + ".json", "w") as file:

@@ -62,6 +62,11 @@ checkpoints: H = 3, S = 64, k = 8, I = 3 at K = 1 (the toy's 8-step goals need n
 and 50 closed-loop episodes must fit in 10 minutes on 2 CPU cores). "fast": H = 2, S = 32, k = 6,
 I = 3 at K = 1, for tests.
 
+Precision (LearnedModel's precision, plan.py --precision): "bf16" runs the rollouts under bfloat16
+autocast, the KV cache in bf16 too, on a GPU or on a CPU with bf16 matrix units; the costs equal
+fp32's within bf16 rounding (tests), and the speed of each, next to its FLOP bound, is in
+BENCHMARKS.md.
+
 5. Closed loop in the toy world
 -------------------------------
 MPCPolicy turns the planner into a policy (frames in, actions out) for sim.py's closed-loop
@@ -102,27 +107,30 @@ class LearnedModel:
     rolls out S candidate action sequences from one context in a single batched call."""
 
     def __init__(self, model, frozen_encoder, token_stats, action_stats, K=4, pred="x", mode="shortcut",
-                 context_noise=0.9, toy=False, shared_noise=True):
+                 context_noise=0.9, toy=False, shared_noise=True, precision="fp32"):
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
         self.model, self.encoder, self.token_stats, self.action_stats = model, frozen_encoder, token_stats, action_stats
         self.K, self.pred, self.mode, self.context_noise, self.toy = K, pred, mode, context_noise, toy
         self.shared_noise = shared_noise  # one noise draw for all candidates: costs differ by the actions only
+        self.precision = precision  # bf16: the rollout's matmuls and KV cache in bfloat16 (autocast), on CPU or GPU
 
     @classmethod
-    def from_checkpoint(cls, model, checkpoint, frozen_encoder, K=1):
+    def from_checkpoint(cls, model, checkpoint, frozen_encoder, K=1, precision="fp32"):
         """From a loaded dynamics model, its checkpoint dict and its frozen encoder."""
         args = checkpoint["train_args"]
         learned = cls(model, frozen_encoder, encoder_module.TokenStats(**checkpoint["token_stats"]),
                       data.ActionStats(**checkpoint["action_stats"]), K, args["pred"], args["mode"],
-                      args.get("context_noise", 0.9), toy=checkpoint["toy"])
+                      args.get("context_noise", 0.9), toy=checkpoint["toy"], precision=precision)
         learned.checkpoint = checkpoint
         return learned
 
     @classmethod
-    def load(cls, path, device="cpu", K=1):
+    def load(cls, path, device="cpu", K=1, precision="fp32"):
         model, checkpoint = load_world_model(path, device)
         frozen_encoder = encoder_module.Encoder(checkpoint["encoder"]["name_or_path"],
                                                 pool=checkpoint["encoder"]["pool"]).to(device)
-        return cls.from_checkpoint(model, checkpoint, frozen_encoder, K)
+        return cls.from_checkpoint(model, checkpoint, frozen_encoder, K, precision)
 
     def with_K(self, K):
         """The same model imagining with K shortcut steps per frame."""
@@ -147,16 +155,19 @@ class LearnedModel:
 
     @torch.no_grad()
     def imagine(self, context, actions, generator=None):
-        """context from context(); actions (S, H, 7) normalised -> imagined tokens (S, H, N, D): all S
-        candidates in one rollout (KV cache, K shortcut steps). `generator` (CPU) seeds the noise."""
+        """context from context(); actions (S, H, 7) normalised -> imagined tokens (S, H, N, D) float32: all
+        S candidates in one rollout (KV cache, K shortcut steps, in self.precision). `generator` (CPU)
+        seeds the noise."""
         tokens, context_actions = context
         device = tokens.device
         noise = None if generator is None else torch.Generator(device).manual_seed(
             int(torch.randint(2 ** 62, (1,), generator=generator)))  # same stream on any device
-        return rollout(self.model, tokens[None], actions.to(device), K=self.K,  # one context for all S rows
-                       context_actions=None if context_actions is None else context_actions[None],
-                       context_noise=self.context_noise, pred=self.pred, mode=self.mode, generator=noise,
-                       shared_noise=self.shared_noise)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            imagined = rollout(self.model, tokens[None], actions.to(device), K=self.K,  # one context for all S rows
+                               context_actions=None if context_actions is None else context_actions[None],
+                               context_noise=self.context_noise, pred=self.pred, mode=self.mode, generator=noise,
+                               shared_noise=self.shared_noise)
+        return imagined.float()
 
 
 class SimOracle:

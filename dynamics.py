@@ -64,10 +64,11 @@ Which attention kernel runs where (config.attention)
 KV cache
 --------
 During a rollout the past never changes, so each time layer stores the keys and values of the
-frames already generated (KVCache). A new frame's K denoising passes then attend to the cache
-instead of re-running the whole history, and its keys are appended only once it is final
-(`append=True`), so the denoising passes do not pollute the cache. Space layers need no cache:
-they never look outside the current frame.
+frames already generated (KVCache, preallocated for max_frames). A new frame's K denoising passes
+then attend to the cache instead of re-running the whole history, and its keys are appended only
+once it is final (`append=True`): a denoising pass writes its keys into the next free slot, which
+the cache does not count as filled, so the next pass overwrites them and nothing of the past is
+copied. Space layers need no cache: they never look outside the current frame.
 
 Output head: linear to D (x-prediction), or RAE's "DH" head (a shallow, wide transformer over the
 latent tokens) behind config.head = "dh", for token dims that are large next to the trunk width.
@@ -264,18 +265,24 @@ class KVCache:
         return repeated
 
     def extend(self, layer, k, v, append):
-        """Return [cached, new] keys and values of one layer; store the new ones if `append`."""
+        """Return [cached, new] keys and values of one layer; count the new ones as stored if `append`."""
         start, end = self.length, self.length + k.shape[2]
         if k.shape[0] != self.keys.shape[1]:
             raise ValueError(f"KV cache made for {self.keys.shape[1]} rows (batch x tokens per frame), got {k.shape[0]}")
         if end > self.keys.shape[3]:
             raise ValueError(f"KV cache holds {self.keys.shape[3]} frames (config.max_frames); {end} asked")
-        if not append:
-            return (torch.cat([self.keys[layer, :, :, :start], k], dim=2),
-                    torch.cat([self.values[layer, :, :, :start], v], dim=2))
+        # Write the new keys and values into their slots and attend to a view of the filled part: no
+        # copy of the past. A denoising pass (append=False) writes them too but leaves `length` as it
+        # is, so its slots are overwritten by the next pass: the cache still holds only final frames.
         self.keys[layer, :, :, start:end] = k
         self.values[layer, :, :, start:end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+
+def rms_norm(norm, x):
+    """An nn.RMSNorm applied in x's dtype: under bf16 autocast the query/key rows are bf16 and the
+    weight fp32; with the weight cast to bf16 torch runs its fused kernel (which sums in fp32)."""
+    return F.rms_norm(x, norm.normalized_shape, norm.weight.to(x.dtype), norm.eps)
 
 
 class Attention(nn.Module):
@@ -293,7 +300,7 @@ class Attention(nn.Module):
         rows, length, _ = x.shape  # (rows, L, E): rows = B·T for space layers, B·S for time layers
         q = self.query(x).view(rows, length, self.heads, self.head_dim).transpose(1, 2)
         k, v = self.key_value(x).view(rows, length, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = self.query_norm(q), self.key_norm(k)  # (rows, heads, L, hd), (rows, kv_heads, L, hd)
+        q, k = rms_norm(self.query_norm, q), rms_norm(self.key_norm, k)  # (rows, heads, L, hd), (rows, kv_heads, L, hd)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
@@ -402,9 +409,12 @@ class DynamicsModel(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def new_cache(self, batch_size):
+        """An empty KV cache for batch_size rows, in the dtype the keys are computed in (bf16 under autocast)."""
         c, parameter = self.config, self.token_in.weight
+        device = parameter.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else parameter.dtype
         return KVCache(self.time_layers, batch_size * c.tokens_per_frame, c.kv_heads, c.max_frames,
-                       c.width // c.heads, parameter.device, parameter.dtype)
+                       c.width // c.heads, parameter.device, dtype)
 
     def forward(self, x_tau, tau, d, actions, action_mask, cache=None, append=True):
         """x_tau (B, T, N, D) noisy tokens; tau, d (B, T) on the grid; actions (B, T, action_dim)

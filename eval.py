@@ -135,6 +135,7 @@ def action_response(learned, contexts=32, magnitude=2.0, context_frames=2, seed=
 
         cosine[i]     = mean over contexts of cos(Δ̂, Δ)     1: the right direction, 0: unrelated
         norm_ratio[i] = mean over contexts of |Δ̂| / |Δ|      1: the right size
+        true_norm[i]  = mean over contexts of |Δ|            how much dimension i shows in the tokens
 
     Situations where either step would leave the workspace (and be clipped) are drawn again."""
     rng = np.random.default_rng(seed)
@@ -142,7 +143,7 @@ def action_response(learned, contexts=32, magnitude=2.0, context_frames=2, seed=
     normalised = torch.zeros(14, 1, 7)
     normalised[torch.arange(14), 0, torch.arange(14) // 2] = magnitude * signs
     robot = learned.action_stats.denormalize(normalised[:, 0]).double().numpy()  # (14, 7)
-    cosines, ratios = [], []
+    cosines, ratios, true_norms = [], [], []
     while len(cosines) < contexts:
         poses = sim.random_trajectory(rng, context_frames)  # (C, 7)
         start = np.repeat(poses[-1:], 14, axis=0)
@@ -157,8 +158,10 @@ def action_response(learned, contexts=32, magnitude=2.0, context_frames=2, seed=
         imagined_change = (imagined[0::2] - imagined[1::2]).flatten(1).cpu()
         cosines.append(torch.nn.functional.cosine_similarity(imagined_change, true_change, dim=1))
         ratios.append(imagined_change.norm(dim=1) / true_change.norm(dim=1))
+        true_norms.append(true_change.norm(dim=1))
     return dict(cosine=torch.stack(cosines).mean(0).tolist(), norm_ratio=torch.stack(ratios).mean(0).tolist(),
-                contexts=contexts, magnitude=magnitude, dimensions=list(ACTION_NAMES))
+                true_norm=torch.stack(true_norms).mean(0).tolist(), contexts=contexts, magnitude=magnitude,
+                dimensions=list(ACTION_NAMES))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,7 +181,8 @@ def closed_loop_report(learned, pairs=50, seed=0, max_steps=sim.MAX_STEPS, size=
     pair_list = sim.make_pairs(pairs, seed, task=task)
     start = time.perf_counter()
     report = dict(task=task, size=size, pairs=pairs, max_steps=max_steps, tolerance=sim.TOLERANCE,
-                  path_steps=sim.PATH_STEPS, oracle=oracle, K=learned.K, planner_options=options,
+                  path_steps=sim.PATH_STEPS, oracle=oracle, K=learned.K, precision=learned.precision,
+                  planner_options=options,
                   planner=sim.evaluate_closed_loop(MPCPolicy(planner), pair_list, max_steps, progress=progress))
     report["seconds"] = time.perf_counter() - start
     report["random"] = sim.evaluate_closed_loop(RandomPolicy(planner), pair_list, max_steps)
@@ -191,10 +195,10 @@ def closed_loop_report(learned, pairs=50, seed=0, max_steps=sim.MAX_STEPS, size=
 
 def evaluate(checkpoint_path, out, dataset=None, decoder_path=None, context=2, horizon=8, clips=32, pairs=50,
              K=4, closed_loop=True, planner_options=None, seed=0, quiet=False, task="pose", planner_size="toy",
-             score_stats=None, response_contexts=32):
+             score_stats=None, response_contexts=32, precision="fp32"):
     """Every metric of one checkpoint, written to <out>/report.json (and plots). score_stats: the token
     statistics errors are measured in (default the checkpoint's own); give several checkpoints the
-    same ones to compare them on one scale."""
+    same ones to compare them on one scale. precision: of the planner's and the response's rollouts."""
     model, checkpoint = load_world_model(checkpoint_path)
     settings = {key: checkpoint["train_args"].get(key, default)
                 for key, default in (("pred", "x"), ("mode", "shortcut"), ("context_noise", 0.9))}
@@ -234,7 +238,7 @@ def evaluate(checkpoint_path, out, dataset=None, decoder_path=None, context=2, h
                                              ms_per_frame=1000 * seconds))
 
     if checkpoint["toy"]:
-        learned = LearnedModel.from_checkpoint(model, checkpoint, frozen_encoder, K)
+        learned = LearnedModel.from_checkpoint(model, checkpoint, frozen_encoder, K, precision)
         report["action_response"] = action_response(learned, response_contexts, seed=seed)
         if closed_loop:
             report["closed_loop"] = closed_loop_report(learned, pairs=pairs, seed=seed, task=task, size=planner_size,
@@ -266,8 +270,9 @@ def summary_table(report):
     if "action_response" in report:
         response = report["action_response"]
         rows.append(f"action response (±{response['magnitude']:g}σ, {response['contexts']} situations), cosine / "
-                    "size ratio: " + ", ".join(f"{name} {cosine:.2f}/{ratio:.2f}" for name, cosine, ratio in
-                                             zip(response["dimensions"], response["cosine"], response["norm_ratio"])))
+                    "size ratio / true change: " + ", ".join(
+                        f"{name} {cosine:.2f}/{ratio:.2f}/{norm:.1f}" for name, cosine, ratio, norm in
+                        zip(response["dimensions"], response["cosine"], response["norm_ratio"], response["true_norm"])))
     if "closed_loop" in report:
         loop = report["closed_loop"]
         rows.append(f"closed loop, task {loop['task']}, {loop['size']} planner at K = {loop['K']}, {loop['pairs']} "
@@ -350,6 +355,8 @@ def main(argv=None):
                         help="closed-loop task: reach the whole goal pose, or only a goal position (sim.py)")
     parser.add_argument("--planner", choices=sorted(PLANNER_SIZES), default="toy",
                         help="closed-loop planner size (cem.PLANNER_SIZES)")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="precision of the closed-loop planner's and the action response's rollouts")
     parser.add_argument("--seed", type=int, default=1,
                         help="clips, response situations and start/goal pairs (the tests use seed 0)")
     args = parser.parse_args(argv)
@@ -359,7 +366,8 @@ def main(argv=None):
     try:
         evaluate(args.checkpoint, out,
                  args.dataset, args.decoder, args.context, args.horizon, args.clips, args.pairs, args.K,
-                 closed_loop=not args.no_closed_loop, seed=args.seed, task=args.task, planner_size=args.planner)
+                 closed_loop=not args.no_closed_loop, seed=args.seed, task=args.task, planner_size=args.planner,
+                 precision=args.precision)
     except (CheckpointError, data.DatasetError) as error:
         raise SystemExit(f"error: {error}")
     return 0

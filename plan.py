@@ -93,6 +93,9 @@ def build_argument_parser():
     group.add_argument("--context-frames", type=int, default=2, help="recent frames given to the model")
     group.add_argument("--max-steps", type=int, default=sim.MAX_STEPS, help="step budget of the episode")
     group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    group.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                       help="the imagined rollouts' precision; auto: bf16 on CUDA, fp32 on CPU (bf16 on CPU: "
+                            "faster where the CPU has bf16 matmuls, BENCHMARKS.md)")
     return parser
 
 
@@ -219,7 +222,8 @@ def main(argv=None):
         raise SystemExit(f"error: --obs is required (current camera frame(s)) unless a toy-world checkpoint "
                          f"exists: {DEFAULT_CHECKPOINT} is missing (python train.py makes it)")
     try:
-        learned = LearnedModel.load(args.checkpoint, args.device)
+        precision = args.precision if args.precision != "auto" else "bf16" if args.device.startswith("cuda") else "fp32"
+        learned = LearnedModel.load(args.checkpoint, args.device, precision=precision)
     except CheckpointError as error:
         raise SystemExit(f"error: {error}")
     size_options, size_K = PLANNER_SIZES[args.planner or ("toy" if learned.toy else "dino-wm")]

@@ -375,15 +375,19 @@ def write_toy_dataset(root, episodes, steps_per_episode=40, seed=0, explore=0.0,
     return root
 
 
-def ensure_toy_datasets(video=False):
+def ensure_toy_datasets(video=False, scale=1):
     """(labelled root, unlabelled root) of the demo, written on first use, and again when an existing
     one was written with other settings (toy_spec.json differs: an older version of the demo).
-    video=True: the same episodes stored as AV1 video (toy_data/av1/), for the codec ablation."""
-    roots = [os.path.join(os.path.dirname(root), "av1", os.path.basename(root)) if video else root
+    video=True: the same episodes stored as AV1 video (toy_data/av1/), for the codec ablation.
+    scale > 1: both sets `scale` times as many episodes (the first ones the demo's), so the same 5 %
+    share of labelled frames holds more distinct labelled motions (toy_data/x<scale>/): the
+    labelled-coverage ablation."""
+    folders = (["av1"] if video else []) + ([f"x{scale}"] if scale != 1 else [])
+    roots = [os.path.join(os.path.dirname(root), *folders, os.path.basename(root))
              for root in (TOY_LABELED_DIR, TOY_UNLABELED_DIR)]
     for root, size in zip(roots, (TOY_LABELED_SIZE, TOY_UNLABELED_SIZE)):
         spec_path = os.path.join(root, "toy_spec.json")
-        spec = dict(explore=0.0, video=video, **size)
+        spec = dict(explore=0.0, video=video, **{**size, "episodes": size["episodes"] * scale})
         if os.path.isfile(spec_path):
             with open(spec_path) as file:
                 if json.load(file) == spec:

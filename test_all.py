@@ -220,6 +220,11 @@ def test_sim_demo_datasets_are_lossless_and_rewritten_when_their_settings_change
     monkeypatch.setattr(sim, "TOY_UNLABELED_SIZE", dict(episodes=3, steps_per_episode=6, seed=2))
     sim.ensure_toy_datasets()
     assert data_module.load_metadata(unlabeled)[-1].total_episodes == 3  # other settings: written again
+    scaled = sim.ensure_toy_datasets(scale=2)  # the coverage ablation's corpus: twice the episodes, beside
+    assert scaled == (str(tmp_path / "x2" / "labeled"), str(tmp_path / "x2" / "unlabeled"))
+    assert [data_module.load_metadata(root)[-1].total_episodes for root in scaled] == [2, 6]
+    first = lambda root: data_module.ClipDataset(root, "labeled", clip_length=6, image_size=64).states[:6]  # noqa: E731
+    np.testing.assert_array_equal(first(scaled[0]), first(labeled))  # its first episodes are the demo's
 
 
 # ==== data ====
@@ -1245,6 +1250,31 @@ def test_plan_learned_model_rollout_is_one_call_per_iteration_and_nan_is_refused
 
 
 
+def test_plan_bf16_imagination_matches_fp32_and_caches_in_bf16():
+    """bf16 inference (autocast, on CPU too) is the fp32 rollout within bf16 rounding, keeps its KV
+    cache in bf16 (half the memory) and returns float32 tokens; the planner's costs agree."""
+    config = small_dynamics_config()
+    model = seeded_model(config)
+    stats = data_module.ActionStats(torch.zeros(7), torch.ones(7))
+    context = (torch.randn(2, config.num_tokens, config.token_dim, generator=torch.Generator().manual_seed(1)), None)
+    actions = torch.randn(16, 3, 7, generator=torch.Generator().manual_seed(2))
+    imagined = {precision: cem.LearnedModel(model, None, None, stats, K=2, precision=precision).imagine(
+        context, actions, torch.Generator().manual_seed(0)) for precision in ("fp32", "bf16")}
+    assert imagined["bf16"].dtype == torch.float32
+    relative = (imagined["bf16"] - imagined["fp32"]).pow(2).mean() / imagined["fp32"].pow(2).mean()
+    assert relative < 1e-3, relative
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.new_cache(batch_size=2).keys.dtype == torch.bfloat16
+    assert model.new_cache(batch_size=2).keys.dtype == torch.float32
+    goal = torch.randn(config.num_tokens, config.token_dim, generator=torch.Generator().manual_seed(3))
+    costs = {precision: cem.CEMPlanner(cem.LearnedModel(model, None, None, stats, K=2, precision=precision),
+                                       horizon=3, samples=16, top_k=4, iterations=1).score(context, goal, actions)[1]
+             for precision in ("fp32", "bf16")}
+    torch.testing.assert_close(costs["bf16"], costs["fp32"], rtol=2e-2, atol=0)
+    with pytest.raises(ValueError, match="precision"):
+        cem.LearnedModel(model, None, None, stats, precision="fp16")
+
+
 def test_plan_oracle_reaches_toy_goals_almost_always():
     """The simulator as the model (its poses as the features): a failure here is the planner's."""
     stats = data_module.ActionStats(torch.zeros(7), torch.tensor(sim.ACTION_SCALE, dtype=torch.float32))
@@ -1713,6 +1743,7 @@ def test_eval_action_response_of_the_simulator_is_exact(tiny_dinov2_dir):
     response = eval_module.action_response(oracle, contexts=3)
     np.testing.assert_allclose(response["cosine"], 1.0, atol=1e-4)
     np.testing.assert_allclose(response["norm_ratio"], 1.0, atol=1e-4)
+    assert min(response["true_norm"]) > 0  # every dimension shows in the tokens
 
     class BlindToGripper(Simulator):
         def imagine(self, pose, actions, generator=None):
@@ -1771,8 +1802,11 @@ def test_bench_quick_measures_every_figure(tmp_path):
     assert {entry["backend"] for entry in report["attention"]} >= {"plain", "sdpa"}
     assert all(entry["cached_per_frame"] > 0 and entry["recomputed_per_frame"] > 0 for entry in report["rollout"])
     assert [entry["K"] for entry in report["sampling"]] == [4, 64]
-    assert report["cem"][0]["seconds"] > 0 and report["data"][0]["cached_clips_per_s"] > 0
-    assert report["encoding"][0]["in_order_frames_per_s"] > 0 and report["encoding"][0]["per_frame_frames_per_s"] > 0
+    assert [(entry["K"], entry["precision"]) for entry in report["cem"]] == [(4, "fp32"), (1, "fp32"), (1, "bf16")]
+    assert all(entry["seconds"] > 0 and entry["bound_seconds"] > 0 for entry in report["cem"])
+    assert report["cem"][0]["flops"] > 2 * report["cem"][1]["flops"] > 0  # K = 4: 24 passes per iteration, K = 1: 9
+    assert report["data"][0]["cached_clips_per_s"] > 0
+    assert min(report["encoding"][0][f"{name}_frames_per_s"] for name in ("in_order", "per_frame", "shards")) > 0
     with pytest.raises(SystemExit, match="repeats"):
         bench.main(["--quick", "--repeats", "0"])
 

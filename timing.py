@@ -103,11 +103,11 @@ def measure(function, device, repeats, warmup=1):
     return dict(seconds=statistics.median(times), peak_bytes=peak_above(device, baseline))
 
 
-def matmul_rate(device, n, repeats):
-    """FLOP/s of an (n, n) @ (n, n) matmul, fp32 on CPU, bf16 on GPU (what training runs in): 2n³
-    over the fastest of the runs. The fastest, since the rate is a ceiling: other work on the
-    machine can only slow a run down."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+def matmul_rate(device, n, repeats, dtype=None):
+    """FLOP/s of an (n, n) @ (n, n) matmul, by default fp32 on CPU, bf16 on GPU (what training runs
+    in): 2n³ over the fastest of the runs. The fastest, since the rate is a ceiling: other work on
+    the machine can only slow a run down."""
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     for _ in range(2):
         a @ b  # warm-up

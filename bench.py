@@ -60,6 +60,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import data
 import encoder as encoder_module
+import peer as peer_module
 import sim
 from dynamics import DynamicsConfig, DynamicsModel, attend
 from cem import CEMPlanner, LearnedModel
@@ -440,12 +441,54 @@ def data_tables(report):
     return lines
 
 
+def peer_report(args, device):
+    """bench.py --peer: peer.py's side-by-side training step at the tiny and small presets, written to
+    BENCHMARKS_PEER.md/.json."""
+    version = peer_module.peer_available()
+    if version is None:
+        raise SystemExit(f"error: the peer implementation is not installed: pip install {peer_module.PEER}=="
+                         f"{peer_module.PEER_VERSION} in a separate environment (peer.py says how); nothing measured")
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    sizes = dict(tiny=(16, 20), small=(8 if device.type == "cuda" else 2, 8))  # batch, timed steps per model
+    results = []
+    for preset in ["tiny"] if args.quick else ["tiny", "small"]:
+        batch_size, steps = sizes[preset]
+        print(f"[bench] peer, {preset} ...", file=sys.stderr, flush=True)
+        results.append(dict(preset=preset, **peer_module.bench_peer(
+            bench_config(preset), batch_size, 8, device, args.repeats or (3 if args.quick else steps), precision)))
+    report = dict(date=time.strftime("%Y-%m-%d"), peer=f"{peer_module.PEER} {version}", device=str(device),
+                  threads=torch.get_num_threads(), results=results)
+    out = args.out or "BENCHMARKS_PEER.md"
+    rows = [[e["preset"], f"{e['batch_size']} × {e['frames']}", e["precision"],
+             *(f"{e[name]['seconds']:.3f} s ({e[name]['trained_parameters'] / 1e6:.2f} M)"
+               for name in ("ours", "peer", "peer lean")),
+             f"{e['peer']['seconds'] / e['ours']['seconds']:.2f}×", f"{e['peer lean']['seconds'] / e['ours']['seconds']:.2f}×"]
+            for e in results]
+    lines = ["# Benchmarks: our training step beside the peer's", "",
+             f"Written by `python bench.py --peer` on {report['date']} ({device}, {report['threads']} torch threads), "
+             f"peer: {report['peer']} (peer.py: what is compared, what differs). Mean seconds per training step "
+             f"(forward + backward + AdamW) over {', '.join(str(e['steps']) for e in results)} steps of each, "
+             "interleaved; parameters that get a gradient in brackets; throughput ratio = peer time / our time."]
+    lines += markdown_table("Training step", ["preset", "batch × frames", "precision", "ours", "peer (default)",
+                                              "peer (lean)", "throughput, ours / peer", "ours / peer lean"], rows)
+    with open(out, "w") as file:
+        file.write("\n".join(lines) + "\n")
+    with open(os.path.splitext(out)[0] + ".json", "w") as file:
+        json.dump(report, file, indent=1)
+    print("\n".join(lines))
+    print(f"wrote {out}")
+    return 0
+
+
 def build_argument_parser():
     parser = argparse.ArgumentParser(description="Measure training, attention, rollout, planning and data speed and "
                                                  "memory; write BENCHMARKS.md and BENCHMARKS.json.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny preset and small sizes only (under a minute)")
-    parser.add_argument("--out", default="BENCHMARKS.md", help="Markdown report; the JSON goes beside it")
+    parser.add_argument("--out", help="Markdown report; the JSON goes beside it (default BENCHMARKS.md, with "
+                                      "--peer BENCHMARKS_PEER.md)")
+    parser.add_argument("--peer", action="store_true", help="only our training step side by side with the peer "
+                                                             "implementation's (peer.py; needs dreamer4 installed)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, help="timed runs per figure (default 5, quick 2)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -463,6 +506,9 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.peer:
+        return peer_report(args, device)
+    args.out = args.out or "BENCHMARKS.md"
     repeats = args.repeats or (2 if args.quick else 5)
     presets = ["tiny"] if args.quick else ["tiny", "small"] + (["droid"] if device.type == "cuda" else [])
     # batch sizes: tiny as the demo trains it; larger presets smaller on CPU so the bench ends in minutes

@@ -12,10 +12,10 @@ Contents (sections, in file order):
   dynamics   attention kernels, block causality, KV cache, actions, the action Jacobian, presets
   shortcut   the flow and bootstrap identities, loss weights, labelled queries, sampler, rollout
   train      checkpoints, resume (Ctrl-C and kill -9), NaN stop, bad input, torchrun
-  plan       CEM on known models, batched rollouts, the oracle, planning beats random, the CLI
+  plan       CEM on known models, batched rollouts, bf16 imagination, the oracle, planning beats random, the CLI
   decode     shapes, perceptual loss, pictures, training and resume, bad input
   eval       error measures, the report, the action response, ablations
-  bench      every figure measured and rendered
+  bench      every figure measured and rendered; the peer comparison says when the peer is missing
 """
 import json
 import os
@@ -48,6 +48,7 @@ import decode as decode_module
 import dynamics
 import encoder as encoder_module
 import eval as eval_module
+import peer as peer_module
 import plan as plan_module
 import shortcut
 import sim
@@ -1809,6 +1810,14 @@ def test_bench_quick_measures_every_figure(tmp_path):
     assert min(report["encoding"][0][f"{name}_frames_per_s"] for name in ("in_order", "per_frame", "shards")) > 0
     with pytest.raises(SystemExit, match="repeats"):
         bench.main(["--quick", "--repeats", "0"])
+
+
+def test_bench_peer_says_when_the_peer_is_missing(monkeypatch, tmp_path):
+    """--peer needs the peer package (peer.py): without it, one line and nothing written."""
+    monkeypatch.setattr(peer_module, "peer_available", lambda: None)
+    with pytest.raises(SystemExit, match="not installed: pip install dreamer4=="):
+        bench.main(["--peer", "--out", str(tmp_path / "PEER.md")])
+    assert not os.listdir(tmp_path)
 
 # ==== end ====
 

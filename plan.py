@@ -144,7 +144,7 @@ def plan_from_files(args, learned, goal_image):
           f"{rz:+.4f}) rad, dgripper = {dg:+.4f}   (predicted cost {result['cost']:.4f}, {seconds:.1f} s)")
     report = dict(goal=args.goal, obs=args.obs, checkpoint=args.checkpoint, actions=result["actions"].tolist(),
                   actions_normalised=result["normalised"].tolist(), predicted_cost=result["cost"],
-                  iteration_costs=result["iteration_costs"], seconds=seconds,
+                  iteration_costs=result["iteration_costs"], seconds=seconds, precision=learned.precision,
                   units="dx dy dz [m], rotation vector [rad] (R_new = dR R, base frame), dgripper")
     if args.save:
         decoder = load_decoder_for(args, learned)
@@ -184,7 +184,7 @@ def toy_loop(args, learned, goal_image):
           f"{plans} plans, {seconds_per_plan:.1f} s per MPC step")
     report = {key: value for key, value in outcome.items() if key != "frames"}
     report.update(final_pose=outcome["final_pose"].tolist(), start=start.tolist(), goal=goal_pose.tolist(),
-                  tolerance=sim.TOLERANCE, seconds_per_mpc_step=seconds_per_plan,
+                  tolerance=sim.TOLERANCE, seconds_per_mpc_step=seconds_per_plan, precision=learned.precision,
                   actions=np.asarray(policy.actions).tolist(), predicted_costs=[p["cost"] for p in policy.plans])
     if args.save:
         decoder = load_decoder_for(args, learned)

@@ -1326,11 +1326,13 @@ def test_plan_cli_one_plan_from_files_and_toy_loop(toy_train_run, tmp_path, caps
     assert np.array(plan["actions"]).shape == (2, 7) and np.isfinite(plan["predicted_cost"])
     assert np.linalg.norm(np.array(plan["actions"])[:, :3], axis=1).max() <= 0.05 + 1e-6
     assert os.path.isfile(tmp_path / "plan.png")
+    assert plan["precision"] == "fp32"  # auto on CPU
     assert plan_module.main(["--goal", goal, "--max-steps", "2", "--out", str(tmp_path / "loop.json"),
-                             "--save", str(tmp_path / "loop.png"), *small]) == 0
+                             "--save", str(tmp_path / "loop.png"), "--precision", "bf16", *small]) == 0
     assert "the goal in" in capsys.readouterr().out
     loop = json.load(open(tmp_path / "loop.json"))
     assert loop["steps"] <= 2 and len(loop["actions"]) == loop["steps"] and loop["seconds_per_mpc_step"] > 0
+    assert loop["precision"] == "bf16" and np.all(np.isfinite(loop["predicted_costs"]))
     assert os.path.isfile(tmp_path / "loop.png")
 
 

@@ -22,8 +22,9 @@ it, however good its video prediction is. Two numbers sum it up at the last step
 
 Action response, per dimension (toy world, action_response): does a ±2σ action on one of the 7
 dimensions move the imagined frame the way it moves the real one? Cosine and size ratio between
-the imagined and the true token change. The action gap can be high while the model has learned
-only the translations; this shows which dimensions it has learned.
+the imagined and the true token change, and the size of the true change (how much each dimension
+shows in the tokens at all). The action gap can be high while the model has learned only the
+translations; this shows which dimensions it has learned.
 
 Sampling steps. Error and wall time per frame for K ∈ {1, 2, 4, ..., K_max} shortcut steps.
 Shortcut forcing's promise is that K = 4 is about as good as K = K_max.

@@ -355,10 +355,15 @@ def attention_reference(report, entry):
                 and e["backend"] == "plain" and e["soft_cap"] == entry["soft_cap"])
 
 
-def write_markdown(path, report):
-    lines = ["# Benchmarks", "", markdown_intro(report)] + model_tables(report) + data_tables(report)
+def write_report(path, lines, report):
+    """The Markdown `lines` to `path`, the `report` as JSON beside it; both printed / named."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as file:
         file.write("\n".join(lines) + "\n")
+    with open(os.path.splitext(path)[0] + ".json", "w") as file:
+        json.dump(report, file, indent=1)
+    print("\n".join(lines))
+    print(f"wrote {path}")
 
 
 def markdown_intro(report):
@@ -458,7 +463,6 @@ def peer_report(args, device):
             bench_config(preset), batch_size, 8, device, args.repeats or (3 if args.quick else steps), precision)))
     report = dict(date=time.strftime("%Y-%m-%d"), peer=f"{peer_module.PEER} {version}", device=str(device),
                   threads=torch.get_num_threads(), results=results)
-    out = args.out or "BENCHMARKS_PEER.md"
     rows = [[e["preset"], f"{e['batch_size']} × {e['frames']}", e["precision"],
              *(f"{e[name]['seconds']:.3f} s ({e[name]['trained_parameters'] / 1e6:.2f} M)"
                for name in ("ours", "peer", "peer lean")),
@@ -471,12 +475,7 @@ def peer_report(args, device):
              "interleaved; parameters that get a gradient in brackets; throughput ratio = peer time / our time."]
     lines += markdown_table("Training step", ["preset", "batch × frames", "precision", "ours", "peer (default)",
                                               "peer (lean)", "throughput, ours / peer", "ours / peer lean"], rows)
-    with open(out, "w") as file:
-        file.write("\n".join(lines) + "\n")
-    with open(os.path.splitext(out)[0] + ".json", "w") as file:
-        json.dump(report, file, indent=1)
-    print("\n".join(lines))
-    print(f"wrote {out}")
+    write_report(args.out or "BENCHMARKS_PEER.md", lines, report)
     return 0
 
 
@@ -530,7 +529,6 @@ def main(argv=None):
     # A CEM step at DINO-WM's size imagines 300 x 5 frames 10 times: on CPU the tiny preset once, and the
     # small preset (its time / bound ratio) at 64 samples x 1 iteration.
     runs = {p: repeats if p == "tiny" or device.type == "cuda" else 1 for p in presets}
-    planned = presets
     plan_sizes = {p: dict(samples=300, iterations=10) for p in presets}
     if args.quick:
         plan_sizes["tiny"] = dict(samples=30, iterations=2)
@@ -548,7 +546,7 @@ def main(argv=None):
                  p, 4 if p != "droid" else 16, [4, 8] if args.quick else [4, 8, 16, 32], device, runs[p],
                  recompute_up_to=8 if args.quick else dict(tiny=32, small=16).get(p, 8))]),
              ("sampling", lambda: [e for p in presets for e in bench_sampling_steps(p, 4, 2, device, runs[p])]),
-             ("cem", lambda: [e for p in planned for e in bench_cem(
+             ("cem", lambda: [e for p in presets for e in bench_cem(
                  p, device, runs[p] if args.quick or device.type == "cuda" else 1, **plan_sizes[p])]),
              ("data", lambda: bench_data(work, device, batches=2 if args.quick else 4, quick=args.quick)),
              ("encoding", lambda: bench_encoding(work, device, quick=args.quick))]
@@ -568,12 +566,8 @@ def main(argv=None):
         entry["mfu"] = entry["flops_per_s"] / best[entry["precision"]]
     for entry in report["cem"]:
         entry["bound_seconds"] = entry["flops"] / best[entry["precision"]]
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    write_markdown(args.out, report)
-    with open(os.path.splitext(args.out)[0] + ".json", "w") as file:
-        json.dump(report, file, indent=1)
-    print(open(args.out).read())
-    print(f"wrote {args.out}")
+    write_report(args.out, ["# Benchmarks", "", markdown_intro(report)] + model_tables(report) + data_tables(report),
+                 report)
     return 0
 
 

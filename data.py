@@ -200,11 +200,15 @@ def square_resize(frames, size):
     return frames[..., top:top + size, left:left + size].clamp(0, 1)
 
 
+def listed_keys(features):
+    """A dataset's observation and action keys, for error messages."""
+    return ", ".join(key for key in features if key.startswith(("observation", "action")))
+
+
 def check_camera(source, features, camera_key):
     """One clear line when a dataset (its metadata's `features`) has no camera `camera_key`."""
     if camera_key not in features or features[camera_key]["dtype"] not in ("video", "image"):
-        available = ", ".join(key for key in features if key.startswith(("observation", "action")))
-        raise DatasetError(f"{source!r} has no camera {camera_key!r}; its keys: {available}")
+        raise DatasetError(f"{source!r} has no camera {camera_key!r}; its keys: {listed_keys(features)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -264,7 +268,6 @@ class ClipDataset(torch.utils.data.Dataset):
 
     def check_keys(self):
         features = self.metadata.features
-        available = ", ".join(key for key in features if key.startswith(("observation", "action")))
         check_camera(self.source, features, self.camera_key)
         if self.role == "labeled":
             missing = [key for key in self.state_keys if key not in features]
@@ -274,7 +277,7 @@ class ClipDataset(torch.utils.data.Dataset):
                                    f"gripper")
             if missing:
                 raise DatasetError(f"labelled dataset {self.source!r} lacks state {missing[0]!r} needed for "
-                                   f"delta-EE actions; its keys: {available} (pass --state-keys)")
+                                   f"delta-EE actions; its keys: {listed_keys(features)} (pass --state-keys)")
             width = sum(int(np.prod(features[key]["shape"])) for key in self.state_keys)
             if width != 7:
                 raise DatasetError(f"state keys {self.state_keys} give {width} numbers, delta EE needs 7 "

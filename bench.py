@@ -25,9 +25,11 @@ absolute numbers drift. What is measured, and the slow alternative each is compa
    PyTorch's fused scaled_dot_product_attention (without the soft cap, which SDPA cannot apply) and
    against flex_attention with the soft cap in its score_mod (compiled; on a GPU, or --compile).
 3. Autoregressive rollout, time per generated frame at horizons 4, 8, 16, 32: with the KV cache
-   (each past frame is computed once) against recomputing the whole past at every denoising step.
-   With the cache the cost per frame should stay nearly flat; without, it grows with the horizon.
-4. Sampling: time per frame with K = 4 shortcut steps against K = 64 (what plain diffusion needs).
+   (each past frame is computed once) against recomputing the whole past at every denoising step,
+   the two timed in turn (timing.measure_interleaved). With the cache the cost per frame should
+   stay nearly flat; without, it grows with the horizon.
+4. Sampling: time per frame with K = 4 shortcut steps against K = 64 (what plain diffusion needs),
+   timed in turn.
 5. One CEM MPC step at DINO-WM's size (300 samples × horizon 5, 10 iterations): all candidates of
    an iteration in one batched rollout, against one rollout per candidate (timed on a few candidates
    and scaled to 300: the loop's cost is linear in the candidates); at K = 4 in fp32 (the planner's
@@ -46,6 +48,7 @@ absolute numbers drift. What is measured, and the slow alternative each is compa
 """
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -65,7 +68,7 @@ import sim
 from dynamics import DynamicsConfig, DynamicsModel, attend
 from cem import CEMPlanner, LearnedModel
 from shortcut import rollout, shortcut_forcing_loss
-from timing import matmul_rate, measure
+from timing import matmul_rate, measure, measure_interleaved
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,10 +171,12 @@ def bench_rollout(preset, batch_size, horizons, device, repeats, recompute_up_to
     for horizon in horizons:
         context, actions = rollout_inputs(model.config, batch_size, horizon, device)
         entry = dict(preset=preset, batch_size=batch_size, horizon=horizon)
-        for name, use_cache in (("cached", True), ("recomputed", False)):
-            if not use_cache and horizon > recompute_up_to:
-                continue  # quadratic: only up to the horizon the caller can afford
-            timing = measure(lambda: rollout(model, context, actions, K=4, use_cache=use_cache), device, repeats)
+        # recomputation is quadratic: only up to the horizon the caller can afford; timed in turn with the cache
+        names = ["cached", "recomputed"] if horizon <= recompute_up_to else ["cached"]
+        timings = measure_interleaved([functools.partial(rollout, model, context, actions, K=4,
+                                                         use_cache=name == "cached") for name in names],
+                                      device, repeats)
+        for name, timing in zip(names, timings):
             entry[f"{name}_per_frame"] = timing["seconds"] / horizon
             entry[f"{name}_peak_bytes"] = timing["peak_bytes"]
         results.append(entry)
@@ -182,12 +187,10 @@ def bench_sampling_steps(preset, batch_size, horizon, device, repeats):
     torch.manual_seed(0)
     model = DynamicsModel(bench_config(preset)).to(device).eval()
     context, actions = rollout_inputs(model.config, batch_size, horizon, device)
-    results = []
-    for K in (4, 64):
-        timing = measure(lambda: rollout(model, context, actions, K=K), device, repeats)
-        results.append(dict(preset=preset, batch_size=batch_size, K=K, per_frame=timing["seconds"] / horizon,
-                            peak_bytes=timing["peak_bytes"]))
-    return results
+    timings = measure_interleaved([functools.partial(rollout, model, context, actions, K=K) for K in (4, 64)],
+                                  device, repeats)
+    return [dict(preset=preset, batch_size=batch_size, K=K, per_frame=timing["seconds"] / horizon,
+                 peak_bytes=timing["peak_bytes"]) for K, timing in zip((4, 64), timings)]
 
 
 # ----------------------------------------------------------------------------------------------

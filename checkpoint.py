@@ -105,7 +105,8 @@ def load_world_model(path, device="cpu", use_ema=True):
     """The dynamics model of a training checkpoint (EMA weights when present), in eval mode, and
     the checkpoint dict (config, action and token statistics, encoder name)."""
     checkpoint = load_safely(path, required=WORLD_MODEL_KEYS)
-    model = DynamicsModel(DynamicsConfig(**checkpoint["model_config"]))
+    # mlp_multiple = 1: checkpoints written before the field existed have unrounded MLP widths
+    model = DynamicsModel(DynamicsConfig(**{"mlp_multiple": 1, **checkpoint["model_config"]}))
     weights = checkpoint["ema"] if use_ema and checkpoint.get("ema") is not None else checkpoint["model"]
     model.load_state_dict(weights)
     return model.to(device).eval(), checkpoint

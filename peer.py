@@ -21,7 +21,7 @@ parameter counts printed are those with a gradient. Two peer variants:
 
     default   the peer's attention as it ships: value gates, "belief" attention, value residual
               mixing, attention pooling over earlier layers, key-only RMSNorm
-    lean      those extras off and QK-norm on: the closest to our block, same parameter count
+    lean      those extras off and QK-norm on: the closest to our block, about our parameter count
 
 Known differences left: the peer adds an agent token per frame (23 tokens against our 22 at the
 tiny preset) and a final block for it, has biases in its MLP, gives every row actions (ours:

@@ -320,7 +320,7 @@ def rollout(model, context, actions, K=4, context_actions=None, context_mask=Non
 
     history, cache = as_context(context, context_actions, context_mask), None
     if use_cache:
-        cache = model.new_cache(context_rows)
+        cache = model.new_cache(context_rows, frames=C + H)  # room for this rollout, no more
         model(*history, cache=cache, append=True)
         cache = cache.repeat(B // context_rows)  # a shared context: computed once, copied to the B rows
         history = None

@@ -52,6 +52,7 @@ import peer as peer_module
 import plan as plan_module
 import shortcut
 import sim
+import timing
 import train as train_module
 import training_data
 from dynamics import DynamicsConfig, DynamicsModel
@@ -664,6 +665,15 @@ def test_dynamics_kv_cache_matches_recompute():
         with pytest.raises(ValueError, match="KV cache"):
             for _ in range(7):
                 model(*frames(0, 1), cache=cache)
+        # a cache sized for a rollout, repeated for 3 candidates per row: the filled frames copied, batch-major
+        short = model.new_cache(batch_size=2, frames=3)
+        model(*frames(0, 2), cache=short)
+        repeated = short.repeat(3)
+        assert repeated.keys.shape[1] == 3 * short.keys.shape[1] and repeated.keys.shape[3] == 3
+        torch.testing.assert_close(repeated.values.unflatten(1, (3, -1))[:, 2], short.values)
+        torch.testing.assert_close(model(*frames(2, 3), cache=short), full[:, 2:3], atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="max_frames"):
+            model.new_cache(batch_size=1, frames=model.config.max_frames + 1)
 
 
 def test_dynamics_actions_and_mask():
@@ -708,6 +718,11 @@ def test_dynamics_presets_shapes_and_config_errors(capsys, monkeypatch):
         with torch.no_grad():
             assert model(x, tau, d, actions, mask).shape == (2, 3, 16, 128)
     assert DynamicsModel(config).num_parameters() < 2_000_000  # trains in minutes on 2 CPU cores
+    # SwiGLU widths: 8/3 of the width rounded up to a multiple of 32 (tiny 341 -> 352; small's 1024 as is)
+    assert DynamicsModel(config).blocks[0].mlp.gate.out_features == 352
+    assert DynamicsModel(DynamicsConfig.preset("tiny", head="dh")).head.blocks[0].mlp.gate.out_features == 704
+    assert dynamics.mlp_hidden(DynamicsConfig.preset("small"), 384) == 1024
+    assert dynamics.mlp_hidden(DynamicsConfig.preset("tiny", mlp_multiple=1), 128) == 341
     assert DynamicsConfig.preset("droid").num_tokens == 256 and DynamicsConfig.preset("droid").token_dim == 384
     with pytest.raises(ValueError, match="unknown preset"):
         DynamicsConfig.preset("huge")
@@ -980,6 +995,13 @@ def test_train_short_run_writes_checkpoint_log_and_loads(toy_train_run):
     assert not model.training
     for key in ("model", "ema", "optimizer", "scheduler", "model_config", "train_args", "token_stats"):
         assert key in checkpoint
+    # a checkpoint from before config.mlp_multiple (unrounded SwiGLU widths) still loads
+    old_config = {**checkpoint["model_config"], "mlp_multiple": 1}
+    old_model = DynamicsModel(DynamicsConfig(**old_config))
+    del old_config["mlp_multiple"]
+    torch.save({**checkpoint, "model_config": old_config, "model": old_model.state_dict(), "ema": None},
+               out / "old.pt")
+    assert checkpoint_module.load_world_model(str(out / "old.pt"))[0].blocks[0].mlp.gate.out_features == 341
 
 
 def test_train_ema_warms_up_and_then_averages():
@@ -1812,6 +1834,15 @@ def test_bench_quick_measures_every_figure(tmp_path):
     assert min(report["encoding"][0][f"{name}_frames_per_s"] for name in ("in_order", "per_frame", "shards")) > 0
     with pytest.raises(SystemExit, match="repeats"):
         bench.main(["--quick", "--repeats", "0"])
+
+
+def test_timing_interleaved_runs_take_turns():
+    """A fast path and its slow alternative are timed in turn (a, b, a, b, ...), each after its warm-up."""
+    calls = []
+    results = timing.measure_interleaved([lambda: calls.append("a"), lambda: calls.append("b")],
+                                         torch.device("cpu"), repeats=3)
+    assert calls[:8] == ["a", "b", "a", "b", "a", "b", "a", "b"]  # warm-up, then 3 timed rounds
+    assert len(calls) == 10 and [sorted(result) for result in results] == [["peak_bytes", "seconds"]] * 2
 
 
 def test_bench_peer_says_when_the_peer_is_missing(monkeypatch, tmp_path):

@@ -1,6 +1,8 @@
 """Timing and peak memory, measured so that a busy, shared machine does not fool the numbers.
 
-Time: the median of `repeats` runs after warm-up runs, with the GPU synchronised around each run.
+Time: the median of `repeats` runs after warm-up runs, with the GPU synchronised around each run;
+a fast path and the slow alternative it is compared with run in turn (measure_interleaved), so
+that a slow spell of the machine does not fall on one side of their ratio only.
 The machine's matrix-multiply rate (the ceiling MFU is measured against): a large square matmul,
 fp32 on CPU and bf16 on GPU, 2n³ FLOPs over its *fastest* run, since other work on the machine can
 only slow a run down.
@@ -83,24 +85,40 @@ def measure(function, device, repeats, warmup=1):
     malloc first hands back what it kept, then mmaps every block of 256 KB or more, so that resident
     memory follows the tensors; the timed runs keep the usual settings (page faults on every large
     tensor would slow them down by up to 2x)."""
-    for _ in range(warmup):
-        function()
+    return measure_interleaved([function], device, repeats, warmup)[0]
+
+
+def measure_interleaved(functions, device, repeats, warmup=1):
+    """measure() for several functions whose times are compared, one run of each in turn (a, b, a, b,
+    ...): a fast path and its slow alternative then see the same machine, and a slow spell on a
+    shared machine lands on both instead of on one figure of the ratio."""
+    for function in functions:
+        for _ in range(warmup):
+            function()
     synchronize(device)
+    times = [[] for _ in functions]
+    for _ in range(repeats):
+        for function, runs in zip(functions, times):
+            start = time.perf_counter()
+            function()
+            synchronize(device)
+            runs.append(time.perf_counter() - start)
+    return [dict(seconds=statistics.median(runs), peak_bytes=peak_memory(function, device))
+            for function, runs in zip(functions, times)]
+
+
+def peak_memory(function, device):
+    """Bytes above the start at the peak of one more, untimed run of `function` (measure())."""
     if device.type == "cuda":
         baseline = reset_peak(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
         function()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    if device.type != "cuda":
-        set_mmap_threshold(256 * 1024)
-        release_free_memory()
-        baseline = reset_peak(device)
-        function()
-        set_mmap_threshold(32 * 1024 * 1024)
-    return dict(seconds=statistics.median(times), peak_bytes=peak_above(device, baseline))
+        return peak_above(device, baseline)
+    set_mmap_threshold(256 * 1024)
+    release_free_memory()
+    baseline = reset_peak(device)
+    function()
+    set_mmap_threshold(32 * 1024 * 1024)
+    return peak_above(device, baseline)
 
 
 def matmul_rate(device, n, repeats, dtype=None):

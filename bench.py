@@ -33,9 +33,9 @@ absolute numbers drift. What is measured, and the slow alternative each is compa
 5. One CEM MPC step at DINO-WM's size (300 samples × horizon 5, 10 iterations): all candidates of
    an iteration in one batched rollout, against one rollout per candidate (timed on a few candidates
    and scaled to 300: the loop's cost is linear in the candidates); at K = 4 in fp32 (the planner's
-   default for real checkpoints), at K = 1, and at K = 1 in bf16 (autocast, also on CPU). Each plan
-   against its FLOP bound: its FLOPs, counted like the training step's, over the measured matmul
-   rate of its precision. On CPU the small preset plans 64 samples × 1 iteration (the full size would
+   default for real checkpoints), at K = 1, and at K = 1 in bf16 (autocast, also on CPU), timed in
+   turn. Each plan against its FLOP bound: its FLOPs, counted like the training step's, over the
+   measured matmul rate of its precision. On CPU the small preset plans 64 samples × 1 iteration (the full size would
    take tens of minutes there): enough for its time / bound ratio.
 6. Data: clips/s from a LeRobot dataset (the toy's PNG frames) + DINOv2 on the fly, against reading the feature
    cache that `python encoder.py` writes; for the toy tiny DINOv2 and for a DINOv2-S-sized encoder
@@ -207,17 +207,20 @@ def bench_cem(preset, device, repeats, samples=300, horizon=5, iterations=10, lo
     stats = data.ActionStats(torch.zeros(7), torch.ones(7))
     context = (torch.randn(2, config.num_tokens, config.token_dim, device=device), None)  # 2 action-free frames
     goal = torch.randn(config.num_tokens, config.token_dim, device=device)
-    results = []
-    for K, precision in ((4, "fp32"), (1, "fp32"), (1, "bf16")):
+    variants, planners, flops = ((4, "fp32"), (1, "fp32"), (1, "bf16")), [], []
+    for K, precision in variants:
         learned = LearnedModel(model, None, None, stats, K=K, precision=precision)
-        planner = CEMPlanner(learned, horizon=horizon, samples=samples, top_k=samples // 10, iterations=iterations)
+        planners.append(CEMPlanner(learned, horizon=horizon, samples=samples, top_k=samples // 10,
+                                   iterations=iterations))
         counter = FlopCounterMode(display=False)
         with counter:
-            planner.plan(context, goal)
-        batched = measure(lambda: planner.plan(context, goal), device, repeats)
-        results.append(dict(preset=preset, samples=samples, horizon=horizon, iterations=iterations, K=K,
-                            precision=precision, seconds=batched["seconds"], flops=counter.get_total_flops(),
-                            peak_bytes=batched["peak_bytes"]))
+            planners[-1].plan(context, goal)
+        flops.append(counter.get_total_flops())
+    timings = measure_interleaved([functools.partial(planner.plan, context, goal) for planner in planners],
+                                  device, repeats)  # the three plans in turn
+    results = [dict(preset=preset, samples=samples, horizon=horizon, iterations=iterations, K=K,
+                    precision=precision, seconds=timing["seconds"], flops=count, peak_bytes=timing["peak_bytes"])
+               for (K, precision), count, timing in zip(variants, flops, timings)]
     # the slow alternative of the first: one rollout per candidate; timed on a few, scaled to samples x iterations
     one_by_one = CEMPlanner(LearnedModel(model, None, None, stats, K=4), horizon=horizon, samples=1, top_k=1,
                             iterations=1)

@@ -271,13 +271,15 @@ class KVCache:
         only the filled frames are copied."""
         if times == 1:
             return self
-        repeated = copy.copy(self)
         layers, rows, kv_heads, frames, head_dim = self.keys.shape
-        for name in ("keys", "values"):
-            past = getattr(self, name)[:, None, :, :, :self.length]  # (L, 1, B·S, kv_heads, length, hd)
-            tensor = past.new_zeros(layers, times, rows, kv_heads, frames, head_dim)
-            tensor[:, :, :, :, :self.length] = past
-            setattr(repeated, name, tensor.view(layers, times * rows, kv_heads, frames, head_dim))
+
+        def tiled(cached):  # (L, B·S, kv_heads, frames, hd) -> (L, times·B·S, ...), filled frames copied
+            tensor = cached.new_zeros(layers, times, rows, kv_heads, frames, head_dim)
+            tensor[:, :, :, :, :self.length] = cached[:, None, :, :, :self.length]
+            return tensor.view(layers, times * rows, kv_heads, frames, head_dim)
+
+        repeated = copy.copy(self)
+        repeated.keys, repeated.values = tiled(self.keys), tiled(self.values)
         return repeated
 
     def extend(self, layer, k, v, append):
@@ -286,7 +288,8 @@ class KVCache:
         if k.shape[0] != self.keys.shape[1]:
             raise ValueError(f"KV cache made for {self.keys.shape[1]} rows (batch x tokens per frame), got {k.shape[0]}")
         if end > self.keys.shape[3]:
-            raise ValueError(f"KV cache holds {self.keys.shape[3]} frames (config.max_frames); {end} asked")
+            raise ValueError(f"KV cache holds {self.keys.shape[3]} frames (new_cache's frames, at most "
+                             f"config.max_frames); {end} asked")
         # Write the new keys and values into their slots and attend to a view of the filled part: no
         # copy of the past. A denoising pass (append=False) writes them too but leaves `length` as it
         # is, so its slots are overwritten by the next pass: the cache still holds only final frames.
@@ -327,8 +330,9 @@ class Attention(nn.Module):
 
 def mlp_hidden(config, width):
     """The SwiGLU hidden width of a layer `width` wide: mlp_ratio·width rounded up to a multiple of
-    config.mlp_multiple, as LLaMA does. A width like the tiny preset's 341 (8/3 of 128) runs its
-    fp32 matmuls on this CPU at 102 GFLOP/s against 168 for 352 (bench shapes, 6600 rows)."""
+    config.mlp_multiple, as LLaMA does. Matmul kernels run odd widths slowly: on the 2-core CPU of
+    the README's figures, the tiny preset's 341 (8/3 of 128) ran at 102 GFLOP/s, 352 at 168
+    (6600 × 128 fp32 inputs, a CEM iteration's shape)."""
     multiple = config.mlp_multiple
     return -(-int(config.mlp_ratio * width) // multiple) * multiple
 
@@ -348,13 +352,13 @@ class Block(nn.Module):
     """One pre-norm layer on (B, T, S, E): space-only (time_layer is None) or causal time-only,
     in which case time_layer is its index among the time layers (its slot in the KV cache)."""
 
-    def __init__(self, width, heads, kv_heads, mlp_hidden, soft_cap, backend, time_layer=None):
+    def __init__(self, width, heads, kv_heads, mlp_width, soft_cap, backend, time_layer=None):
         super().__init__()
         self.time_layer = time_layer
         self.attention_norm = nn.RMSNorm(width)
         self.attention = Attention(width, heads, kv_heads, soft_cap, backend)
         self.mlp_norm = nn.RMSNorm(width)
-        self.mlp = SwiGLU(width, mlp_hidden)
+        self.mlp = SwiGLU(width, mlp_width)
 
     def forward(self, x, rope=None, cache=None, append=False):
         B, T, S, E = x.shape

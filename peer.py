@@ -31,15 +31,13 @@ every row) where ours bootstraps a quarter of the rows every step. So the steps 
 interleaved (ours, peer default, peer lean, ours, ...) and compared by their mean over many steps.
 """
 import contextlib
-import statistics
-import time
 from importlib.metadata import PackageNotFoundError, version
 
 import torch
 
 from dynamics import DynamicsModel
 from shortcut import shortcut_forcing_loss
-from timing import synchronize
+from timing import measure_interleaved
 
 PEER = "dreamer4"
 PEER_VERSION = "0.20.2"
@@ -103,14 +101,7 @@ def bench_peer(config, batch_size, frames, device, steps, precision="fp32", seed
         models[name] = (peer, lambda peer=peer: peer(latents=z, continuous_actions=actions,
                                                       add_autoregressive_action_loss=False))
     runs = {name: training_step(model, loss, precision, device) for name, (model, loss) in models.items()}
-    times = {name: [] for name in runs}
-    for _ in range(steps):
-        for name, (step, _) in runs.items():
-            synchronize(device)
-            start = time.perf_counter()
-            step()
-            synchronize(device)
-            times[name].append(time.perf_counter() - start)
+    timings = measure_interleaved([step for step, _ in runs.values()], device, steps, warmup=0)  # warm already
     return dict(batch_size=batch_size, frames=frames, precision=precision, steps=steps,
-                **{name: dict(seconds=statistics.mean(times[name]), median=statistics.median(times[name]),
-                              trained_parameters=runs[name][1]) for name in runs})
+                **{name: dict(seconds=timing["mean_seconds"], median=timing["seconds"], trained_parameters=trained)
+                   for (name, (_, trained)), timing in zip(runs.items(), timings)})

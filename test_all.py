@@ -1842,7 +1842,7 @@ def test_timing_interleaved_runs_take_turns():
     results = timing.measure_interleaved([lambda: calls.append("a"), lambda: calls.append("b")],
                                          torch.device("cpu"), repeats=3)
     assert calls[:8] == ["a", "b", "a", "b", "a", "b", "a", "b"]  # warm-up, then 3 timed rounds
-    assert len(calls) == 10 and [sorted(result) for result in results] == [["peak_bytes", "seconds"]] * 2
+    assert len(calls) == 10 and [sorted(result) for result in results] == [["mean_seconds", "peak_bytes", "seconds"]] * 2
 
 
 def test_bench_peer_says_when_the_peer_is_missing(monkeypatch, tmp_path):

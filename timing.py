@@ -7,9 +7,9 @@ The machine's matrix-multiply rate (the ceiling MFU is measured against): a larg
 fp32 on CPU and bf16 on GPU, 2n³ FLOPs over its *fastest* run, since other work on the machine can
 only slow a run down.
 
-Peak memory: on a GPU torch.cuda.max_memory_allocated; on CPU the peak resident memory of the
-process above what it held before (Linux VmHWM, reset through /proc/self/clear_refs), read in one
-extra untimed run. Before it, malloc hands back the free memory it kept from earlier runs
+Peak memory, read in one extra untimed run: on a GPU torch.cuda.max_memory_allocated; on CPU the
+peak resident memory of the process above what it held before (Linux VmHWM, reset through
+/proc/self/clear_refs). Before it, malloc hands back the free memory it kept from earlier runs
 (malloc_trim), and during it every block of 256 KB or more is mmap'd (set_mmap_threshold), so that
 resident memory follows the tensors; otherwise reused blocks would not show. The timed runs keep
 malloc's usual settings (page faults on every large tensor would slow them down).
@@ -81,17 +81,15 @@ def release_free_memory():
 
 def measure(function, device, repeats, warmup=1):
     """Median seconds of `function()` over `repeats` runs after `warmup` runs, and its peak memory
-    (bytes above the start). On CPU the peak comes from one more, untimed run (module docstring):
-    malloc first hands back what it kept, then mmaps every block of 256 KB or more, so that resident
-    memory follows the tensors; the timed runs keep the usual settings (page faults on every large
-    tensor would slow them down by up to 2x)."""
+    (bytes above the start, from one more, untimed run: peak_memory)."""
     return measure_interleaved([function], device, repeats, warmup)[0]
 
 
 def measure_interleaved(functions, device, repeats, warmup=1):
     """measure() for several functions whose times are compared, one run of each in turn (a, b, a, b,
     ...): a fast path and its slow alternative then see the same machine, and a slow spell on a
-    shared machine lands on both instead of on one figure of the ratio."""
+    shared machine lands on both instead of on one figure of the ratio. Also the mean, for work
+    that varies from run to run by design (peer.py)."""
     for function in functions:
         for _ in range(warmup):
             function()
@@ -103,12 +101,15 @@ def measure_interleaved(functions, device, repeats, warmup=1):
             function()
             synchronize(device)
             runs.append(time.perf_counter() - start)
-    return [dict(seconds=statistics.median(runs), peak_bytes=peak_memory(function, device))
-            for function, runs in zip(functions, times)]
+    return [dict(seconds=statistics.median(runs), mean_seconds=statistics.mean(runs),
+                 peak_bytes=peak_memory(function, device)) for function, runs in zip(functions, times)]
 
 
 def peak_memory(function, device):
-    """Bytes above the start at the peak of one more, untimed run of `function` (measure())."""
+    """Bytes above the start at the peak of one more, untimed run of `function`. On CPU malloc first
+    hands back what it kept, then mmaps every block of 256 KB or more during the run, so that resident
+    memory follows the tensors (module docstring); the timed runs keep the usual settings (page
+    faults on every large tensor would slow them down by up to 2x)."""
     if device.type == "cuda":
         baseline = reset_peak(device)
         function()

@@ -6,8 +6,8 @@
 Each variant is trained with the same budget, seed and toy data as the recipe (train.py's
 TOY_DEFAULTS), then evaluated by eval.py: open-loop error, action gap, action response, sampling
 steps, closed-loop MPC. Every variant is scored on the same held-out clips and start/goal pairs,
-with token errors in the recipe's normalisation, so the rows of the table compare; a variant with
-another encoder has a token space of its own, and its MSE columns are starred.
+with token errors in the recipe's per-channel normalisation, so the rows of the table compare; a
+variant with another encoder has a token space of its own, and its MSE columns are starred.
 
 Outputs in --out (default runs/ablations): one run folder per variant (checkpoint, eval report),
 ablations.json, ablations.md (the table the README carries) and ablations.png. Rerunning some
@@ -53,6 +53,7 @@ ABLATIONS = {
     "ramp": Variant(flags=("--ramp",)),  # Dreamer 4's loss weight w(τ) = 0.9τ + 0.1
     "no_action_jacobian": Variant(flags=("--no-action-jacobian",)),
     "no_labeled_queries": Variant(flags=("--no-labeled-queries",)),
+    "no_whitening": Variant(flags=("--whiten-tokens", "0")),  # tokens normalised per channel only
     "diffusion_forcing": Variant(flags=("--mode", "diffusion")),
     "v_prediction": Variant(flags=("--pred", "v")),
     "labeled_100": Variant(data="all_labeled"),
@@ -86,8 +87,8 @@ def ablation_arguments(name, steps, seed, out, extra=(), toy_datasets=None):
 def run_ablations(out, steps, pairs, clips, seed=0, planner_options=None, names=None, toy_datasets=None,
                   train_arguments=(), context=2, horizon=8, closed_loop=True, task="pose", planner_size="toy"):
     """Train every variant (or `names`), evaluate each on the same held-out clips and start/goal pairs,
-    with errors measured in the recipe's token normalisation (variants with another encoder in their
-    own: their MSE columns are starred), and write ablations.json/.md and a plot.
+    with errors measured in the recipe's per-channel token normalisation (variants with another
+    encoder in their own: their MSE columns are starred), and write ablations.json/.md and a plot.
     toy_datasets, train_arguments: other datasets (see ablation_arguments) and extra train.py flags."""
     results = {}
     reference = None  # the recipe's token statistics: one scale for every variant
@@ -149,7 +150,8 @@ def ablation_table(results, steps, horizon):
                         f"{loops[0]['size']} planner at K = {loops[0]['K']}, random actions on the same pairs in "
                         f"brackets." if loops else "")
     lines = [f"Tiny models, {steps} training steps each, same seed; every variant scored on the same held-out clips, "
-             f"token MSE in the recipe's normalisation (* another encoder: its own token space, not comparable); "
+             f"token MSE in the recipe's per-channel normalisation (* another encoder: its own token space, "
+             f"not comparable); "
              f"MSE K=1 / K=4: mean over {horizon} open-loop steps; at h={horizon}, K = 4: error / copy-last and "
              f"action gap (shuffled / true actions); response: cosine between imagined and true token change "
              f"for a ±2σ action, mean over translation / rotation / gripper.{closed_loop_note}", "",

@@ -10,8 +10,10 @@ ActionStats: a = (robot - mean) / std), whose imagined future ends at the goal:
 
     minimise  J(a) = dist(ẑ_H(a), g),      ẑ_1..H(a) = shortcut.rollout(model, z, a)   (H, N, D)
 
-dist is the mean of |·| (L1) or of (·)² (MSE) over the N·D numbers of a frame; with --all-frames,
-J averages dist over the H imagined frames, which also rewards getting close early.
+dist is the mean of |·| (L1) or of (·)² (MSE) over the N·D numbers of a frame, in the model's token
+space: whitened when it was trained on whitened tokens (encoder.py), so that the directions in which
+rotation and gripper show count as much as the large ones of translation. With --all-frames, J
+averages dist over the H imagined frames, which also rewards getting close early.
 
 Why sampling and not gradients: ẑ_H comes out of H autoregressive frames of K noisy denoising steps
 each, so ∂J/∂a is costly and noisy, while a is small (H·7 = 35 numbers for H = 5) and a sampler only

@@ -129,7 +129,7 @@ class Decoder(nn.Module):
         leading = tokens.shape[:-2]
         tokens = tokens.reshape(-1, *tokens.shape[-2:]).to(self.token_mean.device, torch.float32)
         if token_stats is not None:
-            raw = tokens * token_stats.std.to(tokens) + token_stats.mean.to(tokens)
+            raw = token_stats.denormalize(tokens)
             tokens = (raw - self.token_mean) / self.token_std
         images = torch.cat([self(part) for part in tokens.split(chunk)])
         return images.reshape(*leading, *images.shape[1:])
@@ -377,7 +377,7 @@ def write_record(log_file, decoder, held_out, done, loss):
 def checkpoint_payload(args, step, decoder, optimizer, scheduler, token_stats, mean_image, metrics):
     return dict(format=DECODER_FORMAT, step=step, model=decoder.state_dict(), optimizer=optimizer.state_dict(),
                 scheduler=scheduler.state_dict(), config=dataclasses.asdict(decoder.config), train_args=vars(args),
-                token_stats=dict(mean=token_stats.mean, std=token_stats.std), mean_image=mean_image.cpu(),
+                token_stats=token_stats.as_dict(), mean_image=mean_image.cpu(),
                 encoder=dict(name_or_path=args.encoder, pool=args.pool), metrics=metrics)
 
 

@@ -8,7 +8,8 @@ and (4) a planner using it reaches goals. Each metric below checks one of these:
 
 Open-loop prediction (held-out episodes). From C real context frames and the true next H
 actions, roll out H frames and measure, per horizon step h, the error between predicted and real
-normalised tokens: MSE (mean over tokens and channels) and cosine similarity (mean over tokens).
+tokens normalised per channel (a model trained on whitened tokens is scored without its whitening,
+like every other): MSE (mean over tokens and channels) and cosine similarity (mean over tokens).
 The baseline is "copy the last context frame": a model that does not beat it has learned nothing
 about motion.
 
@@ -131,8 +132,8 @@ def action_response(learned, contexts=32, magnitude=2.0, context_frames=2, seed=
     trajectory) and each action dimension i: step the simulator from the last pose with the
     normalised actions +magnitude·e_i and −magnitude·e_i (a ±2σ action by default), encode both
     true next frames, and let the model imagine both (one step, one shared noise draw). Compare the
-    true token change Δ = z(+) − z(−) with the imagined one Δ̂; the difference cancels what both
-    share (the context, the noise, the drift the model expects anyway):
+    true token change Δ = z(+) − z(−) with the imagined one Δ̂ (tokens normalised per channel); the
+    difference cancels what both share (the context, the noise, the drift the model expects anyway):
 
         cosine[i]     = mean over contexts of cos(Δ̂, Δ)     1: the right direction, 0: unrelated
         norm_ratio[i] = mean over contexts of |Δ̂| / |Δ|      1: the right size
@@ -144,6 +145,8 @@ def action_response(learned, contexts=32, magnitude=2.0, context_frames=2, seed=
     normalised = torch.zeros(14, 1, 7)
     normalised[torch.arange(14), 0, torch.arange(14) // 2] = magnitude * signs
     robot = learned.action_stats.denormalize(normalised[:, 0]).double().numpy()  # (14, 7)
+    def channelwise(tokens):  # the model's (maybe whitened) normalisation -> per channel
+        return learned.token_stats.channelwise().normalize(learned.token_stats.denormalize(tokens))
     cosines, ratios, true_norms = [], [], []
     while len(cosines) < contexts:
         poses = sim.random_trajectory(rng, context_frames)  # (C, 7)
@@ -155,6 +158,7 @@ def action_response(learned, contexts=32, magnitude=2.0, context_frames=2, seed=
                                       list(data.delta_ee(poses[:-1], poses[1:])))
         truth = learned.encode(list(sim.render_batch(following)))  # (14, N, D)
         imagined = learned.imagine(context, normalised, torch.Generator().manual_seed(seed))[:, 0]
+        truth, imagined = channelwise(truth), channelwise(imagined)  # compared per channel, in every model
         true_change = (truth[0::2] - truth[1::2]).flatten(1).cpu()  # (7, N·D)
         imagined_change = (imagined[0::2] - imagined[1::2]).flatten(1).cpu()
         cosines.append(torch.nn.functional.cosine_similarity(imagined_change, true_change, dim=1))
@@ -198,13 +202,14 @@ def evaluate(checkpoint_path, out, dataset=None, decoder_path=None, context=2, h
              K=4, closed_loop=True, planner_options=None, seed=0, quiet=False, task="pose", planner_size="toy",
              score_stats=None, response_contexts=32, precision="fp32"):
     """Every metric of one checkpoint, written to <out>/report.json (and plots). score_stats: the token
-    statistics errors are measured in (default the checkpoint's own); give several checkpoints the
-    same ones to compare them on one scale. precision: of the planner's and the response's rollouts."""
+    statistics errors are measured in, per channel (default the checkpoint's own; a whitening is
+    dropped, so whitened and plain models are scored alike); give several checkpoints the same ones
+    to compare them on one scale. precision: of the planner's and the response's rollouts."""
     model, checkpoint = load_world_model(checkpoint_path)
     settings = {key: checkpoint["train_args"].get(key, default)
                 for key, default in (("pred", "x"), ("mode", "shortcut"), ("context_noise", 0.9))}
     token_stats = encoder_module.TokenStats(**checkpoint["token_stats"])
-    score_stats = score_stats or token_stats
+    score_stats = (score_stats or token_stats).channelwise()
     frozen_encoder = encoder_module.Encoder(checkpoint["encoder"]["name_or_path"], pool=checkpoint["encoder"]["pool"])
     raw, actions = held_out_clips(checkpoint, frozen_encoder, dataset, context + horizon, clips, seed)
     tokens = token_stats.normalize(raw)  # what the model reads and writes

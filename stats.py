@@ -26,9 +26,13 @@ class Stats:
     def denormalize(self, values):
         return values * self.std.to(values.device) + self.mean.to(values.device)
 
+    def as_dict(self):
+        """What a checkpoint or JSON file keeps: cls(**as_dict()) gives the same statistics back."""
+        return dict(mean=self.mean, std=self.std)
+
     def save(self, path):
         with open(path, "w") as file:
-            json.dump({"mean": self.mean.tolist(), "std": self.std.tolist()}, file, indent=1)
+            json.dump({name: value.tolist() for name, value in self.as_dict().items()}, file, indent=1)
 
     @classmethod
     def load(cls, path):
@@ -38,15 +42,24 @@ class Stats:
 
 class Moments:
     """Running per-channel sums of x and x² over any number of (..., C) batches, in float64 so that
-    millions of frames lose no precision; stats() turns them into mean and std."""
+    millions of frames lose no precision; stats() turns them into mean and std. With products=True
+    also the sums of x xᵀ (C, C), for covariance()."""
 
-    def __init__(self):
+    def __init__(self, products=False):
         self.total, self.squares, self.count = 0.0, 0.0, 0
+        self.products = 0.0 if products else None
 
     def add(self, values):
         flat = values.reshape(-1, values.shape[-1]).double()  # (rows, C)
         self.total, self.squares = self.total + flat.sum(0), self.squares + flat.pow(2).sum(0)
+        if self.products is not None:
+            self.products = self.products + flat.T @ flat  # (C, C)
         self.count += len(flat)
+
+    def covariance(self):
+        """(C, C) covariance of everything added (needs products=True)."""
+        mean = self.total / self.count
+        return self.products / self.count - torch.outer(mean, mean)
 
     def stats(self, cls=Stats):
         if self.count == 0:

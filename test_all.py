@@ -476,6 +476,35 @@ def test_encoder_without_registers_and_bad_names(tmp_path):
         encoder_module.Encoder(str(tmp_path / "plain"), pool=3)
 
 
+def test_token_whitening_equalises_directions_and_round_trips(tmp_path):
+    # Tokens whose variance is uneven by direction (not by channel): mixed channels, variances 100..0.01
+    # along 8 orthonormal directions, and one direction with none at all (like LayerNorm's).
+    generator = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(9, 9, generator=generator))[0]
+    scales = torch.tensor([10.0, 5.0, 2.0, 1.0, 0.5, 0.3, 0.2, 0.1, 0.0])
+    batches = [(torch.randn(512, 9, generator=generator) * scales) @ basis.T + 3 for _ in range(4)]
+    stats = encoder_module.TokenStats.from_batches(iter(batches), max_batches=4, whiten=1e-6)
+    flat = torch.cat(batches)
+    plain = stats.channelwise()
+    assert plain.whitening is None and torch.allclose(plain.mean, flat.mean(0), atol=1e-4)
+    whitened = stats.normalize(flat)
+    covariance = whitened.T @ whitened / len(whitened)
+    # unit variance along each of the 8 real directions; the empty one stays ~0, not blown up into noise
+    assert torch.allclose(torch.linalg.eigvalsh(covariance)[1:], torch.ones(8), atol=0.02)
+    assert torch.linalg.eigvalsh(covariance)[0] < 1e-3
+    assert torch.allclose(stats.denormalize(whitened), flat, atol=1e-3)
+    assert torch.allclose(whitened, plain.normalize(flat) @ stats.whitening, atol=1e-5)
+    assert torch.allclose(stats.whitening, stats.whitening.T, atol=1e-5)  # ZCA: symmetric, nearest the identity
+    stats.save(tmp_path / "whitened.json")
+    for loaded in (encoder_module.TokenStats.load(tmp_path / "whitened.json"),
+                   encoder_module.TokenStats(**stats.as_dict())):
+        assert torch.allclose(loaded.normalize(flat), whitened, atol=1e-5)
+    # the floor keeps tiny directions from dominating: with a large floor they stay small
+    floored = encoder_module.TokenStats.from_batches(iter(batches), max_batches=4, whiten=0.1).normalize(flat)
+    eigenvalues = torch.linalg.eigvalsh(floored.T @ floored / len(floored))
+    assert eigenvalues[-1] < 1.01 and eigenvalues[2] < 0.5  # 0.1·λ_max floor: the small directions shrink
+
+
 def test_encoder_token_stats_and_feature_cache(tiny_dinov2_dir, toy_labeled_root, tmp_path):
     batches = [torch.randn(4, 16, 64) * 3 + 1 for _ in range(3)]
     stats = encoder_module.TokenStats.from_batches(iter(batches), max_batches=2)

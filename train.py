@@ -9,6 +9,7 @@ One training step, in shapes:
     batch from MixedLoader        frames (B, T, 3, H, W) or cached tokens (B, T, N, D),
                                   actions (B, T, 7) in robot units, action_mask (B,)
     frozen encoder (no grad)      z = (DINOv2(frames) - mean) / std          (B, T, N, D)
+                                  (then z·W with --whiten-tokens: encoder.py)
     normalise actions             a = (actions - mean) / std, 0 where unlabelled
     shortcut forcing loss         shortcut.shortcut_forcing_loss(model, z, a, action_mask)
     AdamW step, warm-up + cosine learning rate, gradient clipping, EMA of the weights
@@ -21,8 +22,9 @@ and how it moves, and the 5 % teaches what the actions do.
 
 The toy demo's recipe (TOY_DEFAULTS, measured in the README's ablations): the tiny preset, batch 16
 x 8 frames from a feature cache, 1000 steps at learning rate 2e-3 with 100 warm-up steps, no loss
-ramp (--no-ramp), the locally linear action response (--action-jacobian, dynamics.py) and labelled
-rows trained at the planner's noise levels (--labeled-queries, shortcut.py section 7).
+ramp (--no-ramp), the locally linear action response (--action-jacobian, dynamics.py), labelled
+rows trained at the planner's noise levels (--labeled-queries, shortcut.py section 7) and whitened
+tokens (--whiten-tokens 1e-3, encoder.py).
 
 The loop (`train`) is checkpoint.py's: `<out>/checkpoint.pt` is written atomically every
 `--save-every` steps, at the end, and on Ctrl-C / SIGTERM. Every random draw of step s (which clips,
@@ -112,6 +114,9 @@ def build_argument_parser():
                        help="DINOv2 hub id or local folder (the toy demo uses a tiny local one)")
     group.add_argument("--pool", type=int, default=1, help="k x k average pooling of the patch grid")
     group.add_argument("--stats-batches", type=int, default=8, help="batches used for token statistics")
+    group.add_argument("--whiten-tokens", type=float, default=0.0, metavar="EPS",
+                       help="ZCA-whiten the normalised tokens, eigenvalue floor EPS x the largest (encoder.py; "
+                            "0: per-channel only; the toy demo: 1e-3)")
     group = parser.add_argument_group("model")
     group.add_argument("--preset", default="small", choices=sorted(PRESETS))
     group.add_argument("--time-every", type=int, help="a time-attention layer every k-th layer")
@@ -159,11 +164,12 @@ def build_argument_parser():
 
 
 # The toy demo's recipe: what `python train.py` with no dataset trains. Against Dreamer 4's defaults it
-# drops the ramp weight and adds the locally linear action response and the planner's noise levels on
-# labelled clips (shortcut.py section 7, dynamics.py): each measured in the README's ablations.
+# drops the ramp weight and adds the locally linear action response, the planner's noise levels on
+# labelled clips (shortcut.py section 7, dynamics.py) and whitened tokens (encoder.py): each measured
+# in the README's ablations.
 TOY_DEFAULTS = dict(preset="tiny", pool=encoder_module.TOY_POOL, steps=1000, batch_size=16, lr=2e-3, warmup=100,
                     save_every=250, val_every=250, labeled_fraction=0.05, ramp=False, action_jacobian=True,
-                    labeled_queries=True)
+                    labeled_queries=True, whiten_tokens=1e-3)
 
 
 def parse_arguments(argv=None):
@@ -291,7 +297,8 @@ def measure_statistics(args, resumed, datasets, frozen_encoder, device):
         return data.ActionStats(**resumed["action_stats"]), encoder_module.TokenStats(**resumed["token_stats"])
     stats_loader = make_loader(datasets, args, "train", rank=0, start_step=10_000_000)
     token_stats = encoder_module.TokenStats.from_batches(
-        (encode_batch(batch, frozen_encoder, device) for batch in stats_loader), max_batches=args.stats_batches)
+        (encode_batch(batch, frozen_encoder, device) for batch in stats_loader), max_batches=args.stats_batches,
+        whiten=args.whiten_tokens)
     return data.ActionStats.from_dataset(datasets["labeled"][0]), token_stats
 
 
@@ -365,8 +372,7 @@ def checkpoint_payload(run, step):
                 ema=None if run.ema_model is None else run.ema_model.state_dict(),
                 optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(),
                 model_config=dataclasses.asdict(run.config), train_args=dict(vars(run.args)),
-                action_stats=dict(mean=run.action_stats.mean, std=run.action_stats.std),
-                token_stats=dict(mean=run.token_stats.mean, std=run.token_stats.std),
+                action_stats=run.action_stats.as_dict(), token_stats=run.token_stats.as_dict(),
                 encoder=dict(name_or_path=run.args.encoder, pool=run.args.pool))
 
 

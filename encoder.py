@@ -212,6 +212,10 @@ class TokenStats(Stats):
         """The same statistics without the whitening: the per-channel scale errors are reported in."""
         return TokenStats(self.mean, self.std)
 
+    def renormalize(self, values, target):
+        """Tokens normalised with these statistics -> the same tokens normalised with `target`'s."""
+        return target.normalize(self.denormalize(values))
+
     def normalize(self, values):
         normalised = super().normalize(values)  # (..., D)
         return normalised if self.whitening is None else normalised @ self.whitening.to(normalised)

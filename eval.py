@@ -145,8 +145,7 @@ def action_response(learned, contexts=32, magnitude=2.0, context_frames=2, seed=
     normalised = torch.zeros(14, 1, 7)
     normalised[torch.arange(14), 0, torch.arange(14) // 2] = magnitude * signs
     robot = learned.action_stats.denormalize(normalised[:, 0]).double().numpy()  # (14, 7)
-    def channelwise(tokens):  # the model's (maybe whitened) normalisation -> per channel
-        return learned.token_stats.channelwise().normalize(learned.token_stats.denormalize(tokens))
+    stats, per_channel = learned.token_stats, learned.token_stats.channelwise()
     cosines, ratios, true_norms = [], [], []
     while len(cosines) < contexts:
         poses = sim.random_trajectory(rng, context_frames)  # (C, 7)
@@ -158,7 +157,7 @@ def action_response(learned, contexts=32, magnitude=2.0, context_frames=2, seed=
                                       list(data.delta_ee(poses[:-1], poses[1:])))
         truth = learned.encode(list(sim.render_batch(following)))  # (14, N, D)
         imagined = learned.imagine(context, normalised, torch.Generator().manual_seed(seed))[:, 0]
-        truth, imagined = channelwise(truth), channelwise(imagined)  # compared per channel, in every model
+        truth, imagined = (stats.renormalize(tokens, per_channel) for tokens in (truth, imagined))  # per channel
         true_change = (truth[0::2] - truth[1::2]).flatten(1).cpu()  # (7, N·D)
         imagined_change = (imagined[0::2] - imagined[1::2]).flatten(1).cpu()
         cosines.append(torch.nn.functional.cosine_similarity(imagined_change, true_change, dim=1))
@@ -215,7 +214,7 @@ def evaluate(checkpoint_path, out, dataset=None, decoder_path=None, context=2, h
     tokens = token_stats.normalize(raw)  # what the model reads and writes
 
     def scored(normalised):  # the model's normalisation -> the scoring one
-        return score_stats.normalize(token_stats.denormalize(normalised))
+        return token_stats.renormalize(normalised, score_stats)
 
     truth = scored(tokens[:, context:])
     report = dict(checkpoint=checkpoint_path, step=checkpoint["step"], clips=len(tokens), context=context,

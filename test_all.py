@@ -493,6 +493,7 @@ def test_token_whitening_equalises_directions_and_round_trips(tmp_path):
     assert torch.allclose(torch.linalg.eigvalsh(covariance)[1:], torch.ones(8), atol=0.02)
     assert torch.linalg.eigvalsh(covariance)[0] < 1e-3
     assert torch.allclose(stats.denormalize(whitened), flat, atol=1e-3)
+    assert torch.allclose(stats.renormalize(whitened, plain), plain.normalize(flat), atol=1e-4)
     assert torch.allclose(whitened, plain.normalize(flat) @ stats.whitening, atol=1e-5)
     assert torch.allclose(stats.whitening, stats.whitening.T, atol=1e-5)  # ZCA: symmetric, nearest the identity
     stats.save(tmp_path / "whitened.json")

@@ -53,6 +53,7 @@ ABLATIONS = {
     "ramp": Variant(flags=("--ramp",)),  # Dreamer 4's loss weight w(τ) = 0.9τ + 0.1
     "no_action_jacobian": Variant(flags=("--no-action-jacobian",)),
     "no_labeled_queries": Variant(flags=("--no-labeled-queries",)),
+    "no_labeled_pairs": Variant(flags=("--no-labeled-pairs",)),
     "no_whitening": Variant(flags=("--whiten-tokens", "0")),  # tokens normalised per channel only
     "diffusion_forcing": Variant(flags=("--mode", "diffusion")),
     "v_prediction": Variant(flags=("--pred", "v")),

@@ -126,6 +126,27 @@ measured too: no change beyond run-to-run noise.)
 Dreamer 4's ramp weight (section 4) down-weights exactly those τ ≈ 0 frames; for an action-
 conditioned world model whose future is decided by the action, they are not guesswork, and the
 demo trains without the ramp (`ramp=False`; measured: with it the action gap fell from 2.09 to 1.43).
+
+8. Where the history hides the action: labelled transitions on their own
+------------------------------------------------------------------------
+Smooth motion is predictable from the past. A teleoperator's motions persist for a few steps, and
+so do the toy's (sim.py: AR(1) actions with smoothing 0.8, so the last action explains 64 % of the
+next one's variance); a model whose context holds two or more frames sees the arm's velocity
+there, predicts most of the next motion from it, and is left to learn the action from what the
+history does not say, a third of its variance. Every labelled clip teaches the action that way,
+the unlabelled video teaches the model to lean on the history, and the action's effect is learned
+slowly. With `labeled_pairs`, every transition (frame t-1, frame t) of the batch's labelled clips
+is trained once more as a clip of two frames: frame t-1 as context at τ_ctx, frame t queried from
+pure noise (`labeled_transitions`, `transition_loss`). One frame shows where the arm is, not
+where it is going, so here the action alone says where it went, all of its variance. The pairs
+come on top of the batch, at most B of them (a quarter more frames at T = 8; with 5 % of the
+samples labelled, about 6 per batch), each query frame weighing as one frame of the batch, so the
+labelled clips' share of the samples does not change. Rollouts still see their whole history: the
+labelled clips keep training as before too (section 7), and the model learns both situations.
+Measured (README; toy, 5 % labelled, 1000 steps, two training seeds): the action gap at step 8
+1.83 → 2.17 and 1.86 → 2.39, the response cosine higher in all seven dimensions, the planner's
+final errors smaller (4.6 against 5.0 cm, 27.7° against 32.0°); pose success within run-to-run
+noise of before (9 against 11 of 100 pairs).
 """
 import math
 
@@ -190,9 +211,34 @@ def bootstrap_velocity(teacher, x_tau, tau, d, actions, action_mask, pred):
     return (first + second) / 2
 
 
+def labeled_transitions(z, actions, action_mask, max_pairs):
+    """Every transition of the batch's labelled clips as a clip of its own (section 8): the frames
+    (t-1, t) of each labelled row, at most max_pairs of them. (B, T, N, D), (B, T, 7) ->
+    (P, 2, N, D), (P, 2, 7)."""
+    rows = action_mask.view(len(z), -1).all(dim=1)  # clips labelled in every frame
+    tokens = torch.stack([z[rows, :-1], z[rows, 1:]], dim=2).flatten(0, 1)[:max_pairs]
+    pair_actions = torch.stack([actions[rows, :-1], actions[rows, 1:]], dim=2).flatten(0, 1)[:max_pairs]
+    return tokens, pair_actions
+
+
+def transition_loss(model, tokens, actions, level, pred, generator=None):
+    """Summed loss of the second frame of each 2-frame labelled clip (P, 2, N, D), queried from pure
+    noise after one context frame at signal level `level`: the planner's one-step query with no
+    history beyond the frame it starts from (section 8)."""
+    P = tokens.shape[0]
+    tau = torch.zeros(P, 2, device=tokens.device)
+    tau[:, 0] = level
+    d = torch.full_like(tau, 1 / model.config.k_max)
+    x0 = torch.randn(tokens.shape, generator=generator, device=tokens.device, dtype=tokens.dtype)
+    x_tau = (1 - per_token(tau)) * x0 + per_token(tau) * tokens
+    output = model(x_tau, tau, d, actions, torch.ones(P, dtype=torch.bool, device=tokens.device))
+    target = tokens if pred == "x" else tokens - x0
+    return (output[:, 1] - target[:, 1]).pow(2).mean(dim=(1, 2)).sum()
+
+
 def shortcut_forcing_loss(model, z, actions, action_mask, k_max=None, bootstrap_fraction=0.25, ema_model=None,
                           pred="x", ramp=True, mode="shortcut", generator=None, context_noise=0.9,
-                          labeled_queries=False):
+                          labeled_queries=False, labeled_pairs=False):
     """Dreamer 4's shortcut forcing loss on a batch of clips.
 
     z (B, T, N, D) normalised clean tokens; actions (B, T, 7) normalised; action_mask (B,) or (B, T).
@@ -200,8 +246,10 @@ def shortcut_forcing_loss(model, z, actions, action_mask, k_max=None, bootstrap_
     model's config.k_max (default) and any other value is refused. bootstrap_fraction: share of
     rows with bootstrap targets. ema_model: teacher for those targets (default: the model itself).
     ramp: weight frames by w(τ) (section 4). labeled_queries: labelled rows at the planner's levels,
-    with context frames at context_noise snapped to the grid (section 7).
-    Returns (loss, {"flow": ..., "bootstrap": ...}), the parts detached, for logging."""
+    with context frames at context_noise snapped to the grid (section 7). labeled_pairs: every
+    transition of the labelled clips once more as a 2-frame clip, at most B of them (section 8).
+    Returns (loss, {"flow": ..., "bootstrap": ..., "pairs": ...}), the parts detached, for logging
+    (each part a mean per frame it scores)."""
     if k_max not in (None, model.config.k_max):
         raise ValueError(f"k_max {k_max} differs from the model's config.k_max {model.config.k_max}")
     k_max = model.config.k_max
@@ -234,7 +282,14 @@ def shortcut_forcing_loss(model, z, actions, action_mask, k_max=None, bootstrap_
     frame_loss = weight * (output - target).pow(2).mean(dim=(2, 3))  # (B, T)
     parts = {"flow": frame_loss[bootstrap_rows:].detach(), "bootstrap": frame_loss[:bootstrap_rows].detach()}
     parts = {name: part.mean() if part.numel() else torch.zeros((), device=z.device) for name, part in parts.items()}
-    return frame_loss.mean(), parts
+    loss, parts["pairs"] = frame_loss.mean(), torch.zeros((), device=z.device)
+    if labeled_pairs:
+        tokens, pair_actions = labeled_transitions(z, actions, action_mask, max_pairs=B)
+        if len(tokens):  # each query frame weighs as much as one frame of the batch
+            pair_sum = transition_loss(model, tokens, pair_actions, context_level(context_noise, k_max), pred, generator)
+            loss = loss + pair_sum / (B * T)
+            parts["pairs"] = pair_sum.detach() / len(tokens)
+    return loss, parts
 
 
 def sample_frame(predict_clean, noise, K):

@@ -882,6 +882,43 @@ def test_shortcut_labeled_queries_put_labelled_rows_at_the_planners_levels():
     assert queries == list(range(4, 10))
 
 
+def test_shortcut_labeled_pairs_train_each_labelled_transition_without_its_history():
+    """labeled_pairs: every transition (t-1, t) of a labelled clip once more as a clip of two frames,
+    the first at the rollout's context level, the second from pure noise; unlabelled clips give none,
+    at most B pairs, and each query frame weighs as one frame of the batch."""
+    class Recorder(torch.nn.Module):  # outputs zeros, records what it was given
+        def __init__(self):
+            super().__init__()
+            self.config, self.calls = small_dynamics_config(k_max=8), []
+
+        def forward(self, x_tau, tau, d, actions, action_mask, cache=None, append=True):
+            self.calls.append((x_tau, tau, d, actions, action_mask))
+            return torch.zeros_like(x_tau)
+
+    B, T = 8, 4
+    frame_id = torch.arange(B * T, dtype=torch.float).view(B, T)
+    z = frame_id[:, :, None, None].expand(B, T, 2, 3).contiguous()  # every token holds its frame's id
+    actions = frame_id[:, :, None].expand(B, T, 7).contiguous()
+    mask = torch.tensor([False, True, False, False, True, False, False, False])
+    losses = {}
+    for pairs in (False, True):
+        model = Recorder()
+        losses[pairs], parts = shortcut.shortcut_forcing_loss(
+            model, z, actions, mask, labeled_pairs=pairs, context_noise=0.9, generator=torch.Generator().manual_seed(0))
+    x_tau, tau, d, pair_actions, pair_mask = model.calls[-1]  # main pass, two bootstrap passes, then the pairs
+    expected = torch.tensor([[4, 5], [5, 6], [6, 7], [16, 17], [17, 18], [18, 19]], dtype=torch.float)
+    torch.testing.assert_close(pair_actions[:, :, 0], expected)  # rows 1 and 4, each transition once
+    assert pair_mask.all() and (d == 1 / 8).all()
+    assert (tau[:, 0] == shortcut.context_level(0.9, 8)).all() and (tau[:, 1] == 0).all()
+    assert not torch.isclose(x_tau[:, 1, 0, 0], expected[:, 1]).any()  # the query frame is pure noise
+    query_loss = expected[:, 1].pow(2)  # the zero output's error on each query frame
+    torch.testing.assert_close(losses[True] - losses[False], query_loss.sum() / (B * T))
+    torch.testing.assert_close(parts["pairs"], query_loss.mean())
+    model = Recorder()  # every clip labelled: 24 transitions, the first B of them
+    shortcut.shortcut_forcing_loss(model, z, actions, torch.ones(B, dtype=torch.bool), labeled_pairs=True)
+    torch.testing.assert_close(model.calls[-1][3][:, 0, 0], frame_id[:3].reshape(-1)[[0, 1, 2, 4, 5, 6, 8, 9]])
+
+
 def test_shortcut_sampler_steps():
     noise = torch.randn(2, 1, 4, 8, generator=torch.Generator().manual_seed(0))
     target = torch.randn(2, 1, 4, 8, generator=torch.Generator().manual_seed(1))

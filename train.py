@@ -23,7 +23,8 @@ and how it moves, and the 5 % teaches what the actions do.
 The toy demo's recipe (TOY_DEFAULTS, measured in the README's ablations): the tiny preset, batch 16
 x 8 frames from a feature cache, 1000 steps at learning rate 2e-3 with 100 warm-up steps, no loss
 ramp (--no-ramp), the locally linear action response (--action-jacobian, dynamics.py), labelled
-rows trained at the planner's noise levels (--labeled-queries, shortcut.py section 7) and whitened
+rows trained at the planner's noise levels (--labeled-queries, shortcut.py section 7), every
+labelled transition trained once more without its history (--labeled-pairs, section 8) and whitened
 tokens (--whiten-tokens 1e-3, encoder.py).
 
 The loop (`train`) is checkpoint.py's: `<out>/checkpoint.pt` is written atomically every
@@ -134,6 +135,8 @@ def build_argument_parser():
                        help="signal level of a rollout's past frames (1: clean), also of --labeled-queries' context")
     group.add_argument("--labeled-queries", action=argparse.BooleanOptionalAction, default=False,
                        help="labelled clips at the planner's noise levels: every other frame clean, the rest noise")
+    group.add_argument("--labeled-pairs", action=argparse.BooleanOptionalAction, default=False,
+                       help="train every labelled transition once more as a 2-frame clip, without its history")
     group.add_argument("--action-jacobian", action=argparse.BooleanOptionalAction, default=False,
                        help="add a locally linear action response J·a to the model's output")
     group = parser.add_argument_group("optimisation")
@@ -169,7 +172,7 @@ def build_argument_parser():
 # in the README's ablations.
 TOY_DEFAULTS = dict(preset="tiny", pool=encoder_module.TOY_POOL, steps=1000, batch_size=16, lr=2e-3, warmup=100,
                     save_every=250, val_every=250, labeled_fraction=0.05, ramp=False, action_jacobian=True,
-                    labeled_queries=True, whiten_tokens=1e-3)
+                    labeled_queries=True, labeled_pairs=True, whiten_tokens=1e-3)
 
 
 def parse_arguments(argv=None):
@@ -353,7 +356,8 @@ def batch_loss(run, batch, network, generator):
             network, tokens, actions, action_mask, k_max=run.config.k_max,
             bootstrap_fraction=args.bootstrap_fraction, ema_model=run.ema_model if args.ema_bootstrap else None,
             pred=args.pred, ramp=args.ramp, mode=args.mode, generator=generator,
-            context_noise=args.context_noise, labeled_queries=args.labeled_queries)
+            context_noise=args.context_noise, labeled_queries=args.labeled_queries,
+            labeled_pairs=args.labeled_pairs)
 
 
 @torch.no_grad()
@@ -397,6 +401,8 @@ class TrainingLog:
         record = dict(step=done, loss=loss.item(), flow=float(parts["flow"]), bootstrap=float(parts["bootstrap"]),
                       grad_norm=gradient_norm.item(), lr=self.run.scheduler.get_last_lr()[0],
                       frames_per_s=self.frames_per_step * min(args.log_every, done - self.start_step) / elapsed)
+        if args.labeled_pairs:  # the mean loss of this batch's labelled transitions (0 when it drew none)
+            record["pairs"] = float(parts["pairs"])
         if is_due(done, args.val_every, args.steps):
             record["val_loss"] = validation_loss(self.run, rank=0)
         self.timer = time.perf_counter()

@@ -158,6 +158,13 @@ def per_token(levels):
     return levels[..., None, None]
 
 
+def noised(z, tau, generator=None):
+    """Clean frames z (B, T, N, D) at signal levels tau (B, T) on the flow path (section 1):
+    returns the noise x0 and x_τ = (1 − τ)·x0 + τ·z."""
+    x0 = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+    return x0, (1 - per_token(tau)) * x0 + per_token(tau) * z
+
+
 def velocity(output, x_tau, tau, pred):
     """The velocity v̂ a model output stands for: (x̂1 − x_τ)/(1 − τ) for x-prediction, itself for v."""
     return (output - x_tau) / (1 - tau) if pred == "x" else output
@@ -229,8 +236,7 @@ def transition_loss(model, tokens, actions, level, pred, generator=None):
     tau = torch.zeros(P, 2, device=tokens.device)
     tau[:, 0] = level
     d = torch.full_like(tau, 1 / model.config.k_max)
-    x0 = torch.randn(tokens.shape, generator=generator, device=tokens.device, dtype=tokens.dtype)
-    x_tau = (1 - per_token(tau)) * x0 + per_token(tau) * tokens
+    x0, x_tau = noised(tokens, tau, generator)
     output = model(x_tau, tau, d, actions, torch.ones(P, dtype=torch.bool, device=tokens.device))
     target = tokens if pred == "x" else tokens - x0
     return (output[:, 1] - target[:, 1]).pow(2).mean(dim=(1, 2)).sum()
@@ -264,8 +270,7 @@ def shortcut_forcing_loss(model, z, actions, action_mask, k_max=None, bootstrap_
         query = (torch.arange(T, device=z.device)[None] + phase) % 2 == 1  # (B, T)
         planned = torch.where(query, torch.zeros_like(tau), torch.full_like(tau, context_level(context_noise, k_max)))
         tau = torch.where(labelled, planned, tau)
-    x0 = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
-    x_tau = (1 - per_token(tau)) * x0 + per_token(tau) * z
+    x0, x_tau = noised(z, tau, generator)
     output = model(x_tau, tau, d, actions, action_mask)  # x̂1 (or v̂), (B, T, N, D)
 
     # Targets in the space the loss is measured in: x-space for pred="x", v-space for pred="v".

@@ -62,6 +62,8 @@ ABLATIONS = {
     "av1_video": Variant(data="av1"),
     "coarse_encoder": Variant(coarse_encoder=True),
     "corpus_4x": Variant(corpus=4),  # 32 labelled + 608 action-free episodes: more distinct labelled motions
+    "corpus_4x_labeled_100": Variant(data="all_labeled", corpus=4),  # its 608 episodes, every one labelled
+    "corpus_4x_labeled_5_alone": Variant(data="labeled_alone", corpus=4),  # its 32 labelled episodes alone
 }
 
 

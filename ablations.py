@@ -1,6 +1,7 @@
 """Ablations on the toy world: tiny models that differ from the demo's recipe in one thing each.
 
     python ablations.py --pairs 20                      # every variant: ~9 min each on 2 CPU cores
+                                                        # (the corpus_4x ones more: their data is written first)
     python ablations.py --only recipe labeled_100 --steps 3000
 
 Each variant is trained with the same budget, seed and toy data as the recipe (train.py's

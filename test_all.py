@@ -1845,7 +1845,6 @@ def test_eval_action_response_of_the_simulator_is_exact(tiny_dinov2_dir):
     assert abs(response["cosine"][6]) < 1e-4 and min(response["cosine"][:6]) > 0.999
 
 
-@SLOW
 def test_ablations_corpus_variants_train_on_the_larger_corpus_in_each_labelled_regime():
     def sets(name):  # (labelled root, action-free root, labelled fraction) a variant trains on
         argv = ablations_module.ablation_arguments(name, 10, 1, "out", toy_datasets={"x4": ("L4", "U4"),
@@ -1859,6 +1858,7 @@ def test_ablations_corpus_variants_train_on_the_larger_corpus_in_each_labelled_r
     assert sets("labeled_100") == ("U", "U", "1.0")
 
 
+@SLOW
 def test_eval_fast_ablations_write_table_and_plot(toy_labeled_root, toy_unlabeled_root, tiny_dinov2_dir, tmp_path):
     def run_ablations(names, steps=2):
         return ablations_module.run_ablations(

@@ -1,7 +1,7 @@
 """Ablations on the toy world: tiny models that differ from the demo's recipe in one thing each.
 
     python ablations.py --pairs 20                      # every variant: ~9 min each on 2 CPU cores
-                                                        # (the corpus_4x ones more: their data is written first)
+                                                        # (the corpus_* ones more: their data is written first)
     python ablations.py --only recipe labeled_100 --steps 3000
 
 Each variant is trained with the same budget, seed and toy data as the recipe (train.py's
@@ -65,6 +65,8 @@ ABLATIONS = {
     "corpus_4x": Variant(corpus=4),  # 32 labelled + 608 action-free episodes: more distinct labelled motions
     "corpus_4x_labeled_100": Variant(data="all_labeled", corpus=4),  # its 608 episodes, every one labelled
     "corpus_4x_labeled_5_alone": Variant(data="labeled_alone", corpus=4),  # its 32 labelled episodes alone
+    "corpus_16x": Variant(corpus=16),  # 128 labelled + 2432 action-free episodes
+    "corpus_16x_labeled_100": Variant(data="all_labeled", corpus=16),  # its 2432 episodes, every one labelled
 }
 
 

@@ -1848,6 +1848,7 @@ def test_eval_action_response_of_the_simulator_is_exact(tiny_dinov2_dir):
 def test_ablations_corpus_variants_train_on_the_larger_corpus_in_each_labelled_regime():
     def sets(name):  # (labelled root, action-free root, labelled fraction) a variant trains on
         argv = ablations_module.ablation_arguments(name, 10, 1, "out", toy_datasets={"x4": ("L4", "U4"),
+                                                                                     "x16": ("L16", "U16"),
                                                                                      "demo": ("L", "U")})
         fraction = argv[argv.index("--labeled-fraction") + 1] if "--labeled-fraction" in argv else None
         return argv[argv.index("--labeled") + 1], argv[argv.index("--unlabeled") + 1], fraction
@@ -1855,6 +1856,7 @@ def test_ablations_corpus_variants_train_on_the_larger_corpus_in_each_labelled_r
     assert sets("corpus_4x") == ("L4", "U4", None)  # 5 %, as the demo
     assert sets("corpus_4x_labeled_100") == ("U4", "U4", "1.0")  # the larger corpus, every episode labelled
     assert sets("corpus_4x_labeled_5_alone") == ("L4", "L4", "1.0")  # its labelled episodes alone
+    assert sets("corpus_16x") == ("L16", "U16", None) and sets("corpus_16x_labeled_100") == ("U16", "U16", "1.0")
     assert sets("labeled_100") == ("U", "U", "1.0")
 
 

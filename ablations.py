@@ -67,6 +67,7 @@ ABLATIONS = {
     "corpus_4x_labeled_5_alone": Variant(data="labeled_alone", corpus=4),  # its 32 labelled episodes alone
     "corpus_16x": Variant(corpus=16),  # 128 labelled + 2432 action-free episodes
     "corpus_16x_labeled_100": Variant(data="all_labeled", corpus=16),  # its 2432 episodes, every one labelled
+    "corpus_4x_action_noise": Variant(flags=("--action-noise", "0.5"), corpus=4),  # a ridge on the action response
 }
 
 

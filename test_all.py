@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 # Offline and reproducible before anything imports huggingface or torch.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -1090,6 +1091,32 @@ def test_train_warmup_longer_than_the_run_is_clamped_with_a_note(capsys):
     assert decode_module.parse_arguments(["--train", "--steps", "50", "--warmup", "100"]).warmup == 5
 
 
+def test_train_action_noise_reaches_only_labelled_rows_in_training(monkeypatch):
+    seen = []
+    monkeypatch.setattr(train_module, "shortcut_forcing_loss", lambda network, tokens, actions, *rest, **options:
+                        seen.append(actions) or (tokens.sum(), {}))
+    actions = torch.randn(3, 4, 7)
+    batch = dict(tokens=torch.zeros(3, 4, 2, 5), actions=actions, action_mask=torch.tensor([True, False, True]))
+
+    def actions_seen(sigma, training, seed=0):
+        args = train_module.parse_arguments(["--action-noise", str(sigma)])
+        run = types.SimpleNamespace(args=args, device=torch.device("cpu"), frozen_encoder=None, ema_model=None,
+                                    token_stats=encoder_module.TokenStats(torch.zeros(5), torch.ones(5)),
+                                    action_stats=data_module.ActionStats(torch.zeros(7), torch.full((7,), 2.0)),
+                                    config=types.SimpleNamespace(k_max=8))
+        train_module.batch_loss(run, batch, None, torch.Generator().manual_seed(seed), training=training)
+        return seen[-1]
+
+    clean = actions_seen(0.0, True)
+    assert torch.equal(clean, actions / 2 * torch.tensor([1.0, 0.0, 1.0])[:, None, None])  # normalised, masked
+    noisy = actions_seen(0.5, True)
+    assert torch.equal(noisy[1], clean[1]) and not torch.equal(noisy[0], clean[0])  # action-free rows stay 0
+    assert 0.3 < (noisy - clean)[[0, 2]].std() < 0.7 and torch.equal(actions_seen(0.5, True), noisy)  # σ, seeded
+    assert torch.equal(actions_seen(0.5, False), clean)  # validation sees the recorded actions
+    with pytest.raises(SystemExit):
+        train_module.parse_arguments(["--action-noise", "-1"])
+
+
 @SLOW
 def test_train_sigint_then_resume_matches_uninterrupted(toy_train_run, tmp_path, monkeypatch):
     argv, reference = toy_train_run
@@ -1858,6 +1885,7 @@ def test_ablations_corpus_variants_train_on_the_larger_corpus_in_each_labelled_r
     assert sets("corpus_4x_labeled_5_alone") == ("L4", "L4", "1.0")  # its labelled episodes alone
     assert sets("corpus_16x") == ("L16", "U16", None) and sets("corpus_16x_labeled_100") == ("U16", "U16", "1.0")
     assert sets("labeled_100") == ("U", "U", "1.0")
+    assert sets("corpus_4x_action_noise") == ("L4", "U4", None)  # the 95/5 corpus_4x, with noisy actions
 
 
 @SLOW

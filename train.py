@@ -139,6 +139,9 @@ def build_argument_parser():
                        help="train every labelled transition once more as a 2-frame clip, without its history")
     group.add_argument("--action-jacobian", action=argparse.BooleanOptionalAction, default=False,
                        help="add a locally linear action response J·a to the model's output")
+    group.add_argument("--action-noise", type=float, default=0.0, metavar="SIGMA",
+                       help="add N(0, SIGMA^2) to the labelled actions the model sees in training, targets "
+                            "unchanged (normalised units): a ridge penalty on the action response (ablation)")
     group = parser.add_argument_group("optimisation")
     group.add_argument("--steps", type=int, default=100_000)
     group.add_argument("--batch-size", type=int, default=32, help="clips per step per rank")
@@ -194,8 +197,8 @@ def parse_arguments(argv=None):
     for name, value in positive.items():
         if value <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
-    if args.num_workers < 0 or args.val_every < 0 or args.warmup < 0:
-        parser.error("--num-workers, --val-every and --warmup must be >= 0")
+    if args.num_workers < 0 or args.val_every < 0 or args.warmup < 0 or args.action_noise < 0:
+        parser.error("--num-workers, --val-every, --warmup and --action-noise must be >= 0")
     if not 0 <= args.val_fraction < 1:
         parser.error("--val-fraction must be in [0, 1)")
     if args.val_fraction == 0 and args.val_every > 0:
@@ -344,12 +347,18 @@ def training_network(run, world_size):
 # The steps of the loop.
 
 
-def batch_loss(run, batch, network, generator):
-    """Shortcut forcing loss of one batch: encode, normalise, mask the unlabelled rows' actions."""
+def batch_loss(run, batch, network, generator, training=True):
+    """Shortcut forcing loss of one batch: encode, normalise, mask the unlabelled rows' actions.
+    With --action-noise σ (training only) the model sees a + ε, ε ~ N(0, σ²), and still predicts the
+    frame that a produced: for the linear part of the response, J·(a + ε), that is least squares plus
+    σ²·|J|² (Bishop 1995), a ridge against fitting a few labelled episodes with a too large response."""
     args = run.args
     tokens = run.token_stats.normalize(encode_batch(batch, run.frozen_encoder, run.device))  # (B, T, N, D)
     action_mask = batch["action_mask"].to(run.device)  # (B,)
-    actions = run.action_stats.normalize(batch["actions"].to(run.device)) * action_mask[:, None, None]  # (B, T, 7)
+    actions = run.action_stats.normalize(batch["actions"].to(run.device))  # (B, T, 7)
+    if training and args.action_noise > 0:
+        actions = actions + args.action_noise * torch.randn(actions.shape, generator=generator, device=run.device)
+    actions = actions * action_mask[:, None, None]
     use_bf16 = args.precision == "bf16" or (args.precision == "auto" and run.device.type == "cuda")
     with torch.autocast(run.device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext():
         return shortcut_forcing_loss(
@@ -367,7 +376,7 @@ def validation_loss(run, rank):
     losses = []
     for index, batch in zip(range(run.args.val_batches), make_loader(run.datasets, run.args, "val", rank)):
         generator = torch.Generator(run.device).manual_seed(run.args.seed + 7_777_777 + index)
-        losses.append(batch_loss(run, batch, network, generator)[0].item())
+        losses.append(batch_loss(run, batch, network, generator, training=False)[0].item())
     return sum(losses) / len(losses)
 
 

@@ -120,7 +120,7 @@ def toy_planning_run(tmp_path_factory):
     return str(folder / "run" / "checkpoint.pt")
 
 
-PLANNING_EPISODES, PLANNING_STEPS = 40, 700
+PLANNING_EPISODES, PLANNING_STEPS = 40, 400
 
 
 def _decode_argv(toy_labeled_root, toy_unlabeled_root, tiny_dinov2_dir, out, steps, *extra):
@@ -1183,7 +1183,9 @@ def test_train_nan_loss_stops_with_step_and_keeps_last_checkpoint(toy_train_run,
 
 
 @SLOW
-def test_train_bad_input_fails_with_one_clear_line(toy_train_run, tmp_path):
+def test_train_bad_input_fails_with_one_clear_line(toy_train_run, tmp_path, capsys):
+    """Each mistake stops with one line (`error: ...`) and a non-zero exit, and overwrites nothing. Two
+    cases run as a user would (a process: exit code and last stderr line), the rest in-process."""
     argv, reference = toy_train_run
     checkpoint = reference / "checkpoint.pt"
     before = checkpoint.read_bytes()
@@ -1197,31 +1199,29 @@ def test_train_bad_input_fails_with_one_clear_line(toy_train_run, tmp_path):
         return _elsewhere(argv, reference, out) + list(extra)
 
     code, line = run(with_out(reference))  # would overwrite an existing run
-    assert code != 0 and "already exists" in line
-    code, line = run(with_out(tmp_path / "a", "--resume", str(tmp_path / "missing.pt")))
-    assert code != 0 and "does not exist" in line
-    corrupt = tmp_path / "corrupt.pt"
-    corrupt.write_bytes(before[: len(before) // 2])
-    code, line = run(with_out(tmp_path / "b", "--resume", str(corrupt)))
-    assert code != 0 and "cannot read checkpoint" in line
-    foreign = tmp_path / "foreign.pt"
-    torch.save({"weights": torch.zeros(3)}, foreign)
-    code, line = run(with_out(tmp_path / "c", "--resume", str(foreign)))
-    assert code != 0 and "not a checkpoint of this project" in line
-    other_config = with_out(tmp_path / "d", "--resume", str(checkpoint), "--time-every", "2", "--steps", "8")
-    code, line = run(other_config)
-    assert code != 0 and "another configuration" in line
+    assert code != 0 and line.startswith("error:") and "already exists" in line
     code, line = run(["--labeled", str(argv[1])])
     assert code != 0 and "--unlabeled" in line
-    code, line = run(with_out(tmp_path / "e", "--resume", str(checkpoint), "--overwrite"))
-    assert code != 0 and "contradict" in line
-    blocker = tmp_path / "file"
+    corrupt, foreign, blocker = tmp_path / "corrupt.pt", tmp_path / "foreign.pt", tmp_path / "file"
+    corrupt.write_bytes(before[: len(before) // 2])
+    torch.save({"weights": torch.zeros(3)}, foreign)
     blocker.write_text("not a folder")
-    code, line = run(with_out(blocker / "run"))
-    assert code != 0 and "cannot write to" in line
-    code, line = run(with_out(tmp_path / "f")[:0] + ["--labeled", "nobody/not-a-dataset", "--unlabeled",
-                                                     "nobody/not-a-dataset-either", "--encoder", argv[5], "--out", str(tmp_path / "f")])
-    assert code != 0 and line.startswith("error:") and "nobody/not-a-dataset" in line
+    cases = [(with_out(tmp_path / "a", "--resume", str(tmp_path / "missing.pt")), "does not exist"),
+             (with_out(tmp_path / "b", "--resume", str(corrupt)), "cannot read checkpoint"),
+             (with_out(tmp_path / "c", "--resume", str(foreign)), "not a checkpoint of this project"),
+             (with_out(tmp_path / "d", "--resume", str(checkpoint), "--time-every", "2", "--steps", "8"),
+              "another configuration"),
+             (with_out(tmp_path / "e", "--resume", str(checkpoint), "--overwrite"), "contradict"),
+             (with_out(blocker / "run"), "cannot write to"),
+             (["--labeled", "nobody/not-a-dataset", "--unlabeled", "nobody/not-a-dataset-either", "--encoder", argv[5],
+               "--out", str(tmp_path / "f")], "nobody/not-a-dataset")]
+    for arguments, message in cases:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as stopped:
+            train_module.main(arguments)
+        code = stopped.value.code  # our checks: the line itself; argparse's: exit 2 and its line on stderr
+        text = code if isinstance(code, str) else capsys.readouterr().err.strip().splitlines()[-1]
+        assert code not in (0, None) and "error:" in text and message in text and "\n" not in text, (message, text)
     assert checkpoint.read_bytes() == before  # nothing overwritten
 
 
@@ -1414,7 +1414,8 @@ def test_plan_trained_model_beats_random_on_toy_poses(toy_planning_run):
     planned, random = report["planner"], report["random"]
     print(f"pose: CEM {planned['success_rate']:.0%} vs random {random['success_rate']:.0%}; position error "
           f"{planned['final_position_error']:.3f} vs {random['final_position_error']:.3f} m; {report['seconds']:.0f} s")
-    # measured: 4.4 vs 14.8 cm. Rotation (0.69 vs 0.63 rad) and gripper are not learned at this budget.
+    # measured: 4.9 vs 14.8 cm (700 steps: 4.0; training seed 1: 4.3 vs 13.9). Rotation (0.77 rad) and
+    # gripper are not learned at this budget.
     assert planned["final_position_error"] < random["final_position_error"] / 2
 
 

@@ -490,13 +490,13 @@ def build_argument_parser():
                                                  "memory; write BENCHMARKS.md and BENCHMARKS.json.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny preset and small sizes only (under a minute)")
-    parser.add_argument("--out", help="Markdown report; the JSON goes beside it (default BENCHMARKS.md, with "
+    parser.add_argument("--out", help="Markdown report, the JSON beside it; if not given, BENCHMARKS.md (with "
                                       "--peer BENCHMARKS_PEER.md)")
     parser.add_argument("--peer", action="store_true", help="only our training step side by side with the peer "
                                                              "implementation's (peer.py; needs dreamer4 installed)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, help="timed runs per figure (default 5, quick 2)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--repeats", type=int, help="timed runs per figure; if not given, 5 (--quick: 2)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads; if not given, torch's choice")
     parser.add_argument("--compile", action="store_true", help="also time flex_attention / compiled attention on CPU "
                                                                "(needs a C++ compiler; compiles for minutes)")
     return parser

@@ -257,9 +257,10 @@ def build_argument_parser():
     parser.add_argument("--dataset", nargs="+", help="LeRobot datasets (local paths, hub ids, droid, droid_subset); "
                                                      "default: the toy labelled + unlabelled datasets")
     parser.add_argument("--camera-key", default=data.CAMERA_KEY)
-    parser.add_argument("--encoder", help=f"DINOv2 hub id or local folder (default: the toy tiny DINOv2 with no "
-                                          f"--dataset, else {encoder_module.DEFAULT_ENCODER})")
-    parser.add_argument("--pool", type=int, help=f"k x k pooling of the patch grid (default {encoder_module.TOY_POOL} on the toy world, else 1)")
+    parser.add_argument("--encoder", help=f"DINOv2 hub id or local folder; if not given, the toy tiny DINOv2 "
+                                          f"with no --dataset, else {encoder_module.DEFAULT_ENCODER}")
+    parser.add_argument("--pool", type=int, help=f"k x k pooling of the patch grid; if not given, {encoder_module.TOY_POOL} on the "
+                                                     f"toy world, else 1")
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     parser.add_argument("--noise-tau", type=float, default=0.8, help="token noise sigma ~ U(0, tau)")
     parser.add_argument("--perceptual", type=float, default=0.1, help="weight of the frozen-encoder feature loss")
@@ -276,8 +277,8 @@ def build_argument_parser():
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", help=f"output folder (default: the resumed checkpoint's folder; {TOY_DECODER_DIR} on "
-                                      f"the toy world, else runs/<first dataset>/decoder)")
+    parser.add_argument("--out", help=f"output folder; if not given, the resumed checkpoint's folder, {TOY_DECODER_DIR} on "
+                                      f"the toy world, else runs/<first dataset>/decoder")
     parser.add_argument("--resume", metavar="CHECKPOINT", help="continue from a decoder checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="start afresh over an existing output folder")
     return parser

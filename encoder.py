@@ -417,12 +417,12 @@ def main(argv=None):
     parser.add_argument("--dataset", required=True, help="local LeRobot folder, hub id, or an alias (data.py)")
     parser.add_argument("--encoder", default=DEFAULT_ENCODER, help="DINOv2 hub id or local folder")
     parser.add_argument("--pool", type=int, default=1, help="k x k average pooling of the patch grid")
-    parser.add_argument("--image-size", type=int, help="input size in pixels (default: 224, or the model's if smaller)")
+    parser.add_argument("--image-size", type=int, help="input size in pixels; if not given, 224 or the model's if smaller")
     parser.add_argument("--camera-key", default=data.CAMERA_KEY)
     parser.add_argument("--out", required=True, help="cache folder to write")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing feature cache in --out")
-    parser.add_argument("--shard", type=parse_shard, help="i/n: encode every n-th episode from the i-th (default "
-                                                           "under torchrun: RANK/WORLD_SIZE; else 0/1, all)")
+    parser.add_argument("--shard", type=parse_shard, help="i/n: encode every n-th episode from the i-th; if not "
+                                                           "given, RANK/WORLD_SIZE under torchrun, else 0/1 (all)")
     parser.add_argument("--batch-size", type=int, default=64, help="frames per DINOv2 call (and per decoded chunk)")
     parser.add_argument("--num-workers", type=int, default=2, help="processes decoding video beside DINOv2")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

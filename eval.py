@@ -346,10 +346,10 @@ def main(argv=None):
                                      "and response, sampling steps, closed-loop MPC (toy world). The toy ablations: "
                                      "ablations.py.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--checkpoint", default=os.path.join(TOY_RUN_DIR, "checkpoint.pt"))
-    parser.add_argument("--dataset", help="labelled dataset to evaluate on (default: the checkpoint's held-out "
-                                          "labelled episodes)")
+    parser.add_argument("--dataset", help="labelled dataset to evaluate on; if not given, the checkpoint's "
+                                          "held-out labelled episodes")
     parser.add_argument("--decoder", help="decoder checkpoint (decode.py) for pictures of rollouts")
-    parser.add_argument("--out", help="output folder (default: <checkpoint folder>/eval)")
+    parser.add_argument("--out", help="output folder; if not given, <checkpoint folder>/eval")
     parser.add_argument("--context", type=int, default=2, help="real frames before the imagined ones")
     parser.add_argument("--horizon", type=int, default=8, help="imagined frames per clip")
     parser.add_argument("--clips", type=int, default=32, help="held-out clips")

@@ -67,12 +67,12 @@ def build_argument_parser():
     parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="world-model checkpoint (train.py)")
     parser.add_argument("--out", help="write the plan (or the toy episode) as JSON here")
     parser.add_argument("--save", help="write a picture strip (PNG): observations, imagined frames, goal")
-    parser.add_argument("--decoder", help="decoder checkpoint (decode.py) to picture imagined frames; default: "
-                                          "the toy decoder when it exists")
+    parser.add_argument("--decoder", help="decoder checkpoint (decode.py) to picture imagined frames; if not "
+                                          "given, the toy decoder when it exists")
     group = parser.add_argument_group("planner (sizes: PLANNER_SIZES; --horizon, --samples, --top-k, --iterations "
                                       "and --K override the size's)")
     group.add_argument("--planner", choices=sorted(PLANNER_SIZES),
-                       help="planner size; default: toy for a toy-world checkpoint, dino-wm otherwise")
+                       help="planner size; if not given, toy for a toy-world checkpoint, dino-wm otherwise")
     group.add_argument("--horizon", type=int, help="H actions per plan")
     group.add_argument("--samples", type=int, help="S candidate sequences per CEM iteration")
     group.add_argument("--top-k", type=int, help="elites refitted per iteration")

@@ -92,16 +92,17 @@ def build_argument_parser():
                        help="probability that a training sample comes from the labelled set")
     group.add_argument("--camera-key", default=data.CAMERA_KEY, help="the camera of both datasets, unless the next "
                                                                       "two flags name their own")
-    group.add_argument("--labeled-camera-key", help="the labelled set's camera (default --camera-key)")
+    group.add_argument("--labeled-camera-key", help="the labelled set's camera; if not given, --camera-key")
     group.add_argument("--unlabeled-camera-keys", nargs="+", metavar="KEY",
-                       help="the action-free set's cameras, each a video stream of its own (default --camera-key), "
-                            "e.g. DROID's observation.images.exterior_1_left exterior_2_left wrist_left")
+                       help="the action-free set's cameras, each a video stream of its own, e.g. DROID's "
+                            "observation.images.exterior_1_left exterior_2_left wrist_left; if not given, --camera-key")
     group.add_argument("--state-keys", nargs="+",
                        default=["observation.state.cartesian_position", "observation.state.gripper_position"],
                        help="state keys whose concatenation is (x, y, z, roll, pitch, yaw, gripper)")
     group.add_argument("--clip-length", type=int, default=8, help="frames per training clip (T)")
     group.add_argument("--frame-stride", type=int, default=1,
-                       help="frames between clip frames, at --fps (default: the datasets' common rate)")
+                       help="frames between clip frames, counted at --fps (itself, unless given, the datasets' "
+                            "common rate)")
     group.add_argument("--fps", type=float, help="common frame rate of clips when the datasets' rates differ: each "
                                                  "set is read every (its fps / --fps) frames")
     group.add_argument("--val-fraction", type=float, default=0.1, help="episodes held out for validation")
@@ -157,8 +158,8 @@ def build_argument_parser():
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     group = parser.add_argument_group("output")
-    group.add_argument("--out", help="run folder (default: the resumed checkpoint's folder; runs/toy for the demo, "
-                                     "runs/<name> otherwise)")
+    group.add_argument("--out", help="run folder; if not given, the resumed checkpoint's folder, runs/toy for the demo, "
+                                     "runs/<name> otherwise")
     group.add_argument("--resume", metavar="CHECKPOINT", help="continue a run from its checkpoint")
     group.add_argument("--overwrite", action="store_true", help="start afresh over an existing run folder")
     group.add_argument("--save-every", type=int, default=1000)

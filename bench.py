@@ -1,7 +1,7 @@
 """Speed and memory, measured: `python bench.py` writes BENCHMARKS.md (and BENCHMARKS.json).
 
     python bench.py                   # tiny and small presets (and droid on a GPU), minutes on 2 CPU cores
-    python bench.py --quick           # tiny preset, small sizes: under a minute (the test runs this)
+    python bench.py --quick           # tiny preset, small sizes: ~2 minutes on 2 CPU cores (the test runs it)
     python bench.py --device cuda     # on a GPU: bf16 autocast for training, the droid preset too
 
 Every figure is the median of `repeats` timed runs after warm-up runs, and every fast path is timed
@@ -489,7 +489,7 @@ def build_argument_parser():
     parser = argparse.ArgumentParser(description="Measure training, attention, rollout, planning and data speed and "
                                                  "memory; write BENCHMARKS.md and BENCHMARKS.json.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny preset and small sizes only (under a minute)")
+    parser.add_argument("--quick", action="store_true", help="tiny preset and small sizes only (~2 minutes on 2 CPU cores)")
     parser.add_argument("--out", help="Markdown report, the JSON beside it; if not given, BENCHMARKS.md (with "
                                       "--peer BENCHMARKS_PEER.md)")
     parser.add_argument("--peer", action="store_true", help="only our training step side by side with the peer "
@@ -537,7 +537,7 @@ def main(argv=None):
     runs = {p: repeats if p == "tiny" or device.type == "cuda" else 1 for p in presets}
     plan_sizes = {p: dict(samples=300, iterations=10) for p in presets}
     if args.quick:
-        plan_sizes["tiny"] = dict(samples=30, iterations=2)
+        plan_sizes["tiny"] = dict(samples=30, iterations=1)
     elif device.type != "cuda":
         plan_sizes["small"] = dict(samples=64, iterations=1)
     # training: each preset in the device's precision; on CPU the tiny preset in bf16 autocast too

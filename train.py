@@ -101,8 +101,7 @@ def build_argument_parser():
                        help="state keys whose concatenation is (x, y, z, roll, pitch, yaw, gripper)")
     group.add_argument("--clip-length", type=int, default=8, help="frames per training clip (T)")
     group.add_argument("--frame-stride", type=int, default=1,
-                       help="frames between clip frames, counted at --fps (itself, unless given, the datasets' "
-                            "common rate)")
+                       help="frames between clip frames, counted at the clips' common rate (--fps)")
     group.add_argument("--fps", type=float, help="common frame rate of clips when the datasets' rates differ: each "
                                                  "set is read every (its fps / --fps) frames")
     group.add_argument("--val-fraction", type=float, default=0.1, help="episodes held out for validation")

@@ -2,7 +2,7 @@
 
     python bench.py                   # tiny and small presets (and droid on a GPU), minutes on 2 CPU cores
     python bench.py --quick           # tiny preset, small sizes: ~2 minutes on 2 CPU cores (the test runs it)
-    python bench.py --device cuda     # on a GPU: bf16 autocast for training, the droid preset too
+    python bench.py --device cuda     # on a GPU, to BENCHMARKS_CUDA.md: bf16 autocast, flex attention, droid preset
 
 Every figure is the median of `repeats` timed runs after warm-up runs, and every fast path is timed
 against its slow alternative in the same run, so the ratio holds even on a busy machine where the
@@ -15,21 +15,24 @@ absolute numbers drift. What is measured, and the slow alternative each is compa
        MFU = (FLOPs of one step / seconds per step) / (this machine's matrix-multiply rate)
 
    The step's FLOPs are counted, not estimated: torch.utils.flop_counter.FlopCounterMode records
-   every matmul and attention call of one real step (forward and backward). The matmul rate is
-   measured with a large square matmul in the step's precision: 2n³ FLOPs over its fastest run,
-   at the start and again right after each training figure; MFU divides by the best rate seen. On a
-   shared machine a busy spell slows the matmul too, and a rate measured in one would overstate the
-   MFU (a first version read 158 %); against the best rate, a busy spell can only lower it.
+   every matmul and attention call of one real step (forward and backward; attention on its plain
+   path, whose matrix products are flex_attention's, which cannot run under the counter). The
+   matmul rate is measured with a large square matmul in the step's precision: 2n³ FLOPs over its
+   fastest run, at the start and again right after each training figure; MFU divides by the best
+   rate seen. On a shared machine a busy spell slows the matmul too, and a rate measured in one
+   would overstate the MFU (a first version read 158 %); against the best rate, a busy spell can
+   only lower it.
 2. Attention kernels, forward and forward + backward, at the shapes of a space layer (B·T rows of
-   S tokens) and of a time layer (B·S rows of T causal frames): the plain reference against
+   S tokens) and of a time layer (B·S rows of T causal frames), in the training step's precision
+   (inputs made once, outside the timed calls): the plain reference against
    PyTorch's fused scaled_dot_product_attention (without the soft cap, which SDPA cannot apply) and
    against flex_attention with the soft cap in its score_mod (compiled; on a GPU, or --compile).
 3. Autoregressive rollout, time per generated frame at horizons 4, 8, 16, 32: with the KV cache
    (each past frame is computed once) against recomputing the whole past at every denoising step,
    the two timed in turn (timing.measure_interleaved). With the cache the cost per frame should
-   stay nearly flat; without, it grows with the horizon.
+   stay nearly flat; without, it grows with the horizon. fp32 on CPU, bf16 autocast on a GPU.
 4. Sampling: time per frame with K = 4 shortcut steps against K = 64 (what plain diffusion needs),
-   timed in turn.
+   timed in turn, in the rollout's precision.
 5. One CEM MPC step at DINO-WM's size (300 samples × horizon 5, 10 iterations): all candidates of
    an iteration in one batched rollout, against one rollout per candidate (timed on a few candidates
    and scaled to 300: the loop's cost is linear in the candidates); at K = 4 in fp32 (the planner's
@@ -65,7 +68,7 @@ import data
 import encoder as encoder_module
 import peer as peer_module
 import sim
-from dynamics import DynamicsConfig, DynamicsModel, attend
+from dynamics import Attention, DynamicsConfig, DynamicsModel, attend
 from cem import CEMPlanner, LearnedModel
 from shortcut import rollout, shortcut_forcing_loss
 from timing import matmul_rate, measure, measure_interleaved
@@ -88,6 +91,24 @@ def random_batch(config, batch_size, frames, device, seed=0):
     return z.to(device), actions.to(device), mask.to(device)
 
 
+def count_flops(model, run):
+    """FLOPs of run(), counted by FlopCounterMode with the model's attention on the plain path:
+    compiled flex_attention (the GPU's path) cannot run under the counter, and the plain path does
+    the same matrix products (q·kᵀ and weights·v over every key), which are what the counter counts."""
+    layers = [module for module in model.modules() if isinstance(module, Attention)]
+    backends = [layer.backend for layer in layers]
+    for layer in layers:
+        layer.backend = "plain"
+    counter = FlopCounterMode(display=False)
+    try:
+        with counter:
+            run()
+    finally:
+        for layer, backend in zip(layers, backends):
+            layer.backend = backend
+    return counter.get_total_flops()
+
+
 def bench_training(preset, batch_size, frames, device, repeats, measure_matmul_rate, precision):
     torch.manual_seed(0)
     config = bench_config(preset)
@@ -105,10 +126,7 @@ def bench_training(preset, batch_size, frames, device, repeats, measure_matmul_r
         optimizer.step()
 
     step()  # allocate optimizer state before counting
-    counter = FlopCounterMode(display=False)
-    with counter:
-        step()
-    flops = counter.get_total_flops()
+    flops = count_flops(model, step)
     timing = measure(step, device, repeats)
     measure_matmul_rate()  # again, right after the step: MFU is computed at the end (module docstring, 1)
     seconds = timing["seconds"]
@@ -123,32 +141,31 @@ def bench_training(preset, batch_size, frames, device, repeats, measure_matmul_r
 # 2. Attention kernels.
 
 
-def attention_inputs(config, rows, length, device, requires_grad):
+def attention_inputs(config, rows, length, device, dtype):
+    """q (rows, heads, L, hd) and k, v (rows, kv_heads, L, hd), made once: never inside a timed call."""
     head_dim = config.width // config.heads
     generator = torch.Generator().manual_seed(0)
     q = torch.randn(rows, config.heads, length, head_dim, generator=generator)
     k, v = (torch.randn(rows, config.kv_heads, length, head_dim, generator=generator) for _ in range(2))
-    return [x.to(device).requires_grad_(requires_grad) for x in (q, k, v)]
+    return [x.to(device, dtype) for x in (q, k, v)]
 
 
 def bench_attention(preset, batch_size, frames, device, repeats, backends):
-    """For each layer kind, seconds of forward and of forward + backward per backend."""
+    """For each layer kind, seconds of forward and of forward + backward per backend, in the
+    training step's precision (bf16 on a GPU, fp32 on CPU)."""
     config = bench_config(preset)
     S = config.tokens_per_frame
+    precision, dtype = ("bf16", torch.bfloat16) if device.type == "cuda" else ("fp32", torch.float32)
     kinds = dict(space=(batch_size * frames, S, False), time=(batch_size * S, frames, True))
     results = []
     for kind, (rows, length, causal) in kinds.items():
+        q, k, v = attention_inputs(config, rows, length, device, dtype)
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]  # their gradients accumulate: a small add
         for backend, soft_cap in backends:
-            def forward(backward=False):
-                q, k, v = attention_inputs(config, rows, length, device, backward)
-                output = attend(q, k, v, causal, soft_cap, backend)
-                if backward:
-                    output.sum().backward()
-
-            timing_forward = measure(forward, device, repeats)
-            timing_both = measure(lambda: forward(True), device, repeats)
+            timing_forward = measure(lambda: attend(q, k, v, causal, soft_cap, backend), device, repeats)
+            timing_both = measure(lambda: attend(*leaves, causal, soft_cap, backend).sum().backward(), device, repeats)
             results.append(dict(preset=preset, kind=kind, rows=rows, length=length, backend=backend,
-                                soft_cap=soft_cap, forward=timing_forward["seconds"],
+                                soft_cap=soft_cap, precision=precision, forward=timing_forward["seconds"],
                                 forward_backward=timing_both["seconds"], peak_bytes=timing_both["peak_bytes"]))
     return results
 
@@ -164,18 +181,27 @@ def rollout_inputs(config, batch_size, horizon, device, context_frames=1):
     return context.to(device), actions.to(device)
 
 
+def inference_precision(device):
+    """Rollouts and sampling: bf16 autocast on a GPU (as a GPU user would run them), fp32 on CPU."""
+    if device.type == "cuda":
+        return "bf16", functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
+    return "fp32", contextlib.nullcontext
+
+
 def bench_rollout(preset, batch_size, horizons, device, repeats, recompute_up_to):
     torch.manual_seed(0)
     model = DynamicsModel(bench_config(preset)).to(device).eval()
+    precision, autocast = inference_precision(device)
     results = []
     for horizon in horizons:
         context, actions = rollout_inputs(model.config, batch_size, horizon, device)
-        entry = dict(preset=preset, batch_size=batch_size, horizon=horizon)
+        entry = dict(preset=preset, batch_size=batch_size, horizon=horizon, precision=precision)
         # recomputation is quadratic: only up to the horizon the caller can afford; timed in turn with the cache
         names = ["cached", "recomputed"] if horizon <= recompute_up_to else ["cached"]
-        timings = measure_interleaved([functools.partial(rollout, model, context, actions, K=4,
-                                                         use_cache=name == "cached") for name in names],
-                                      device, repeats)
+        with autocast():
+            timings = measure_interleaved([functools.partial(rollout, model, context, actions, K=4,
+                                                             use_cache=name == "cached") for name in names],
+                                          device, repeats)
         for name, timing in zip(names, timings):
             entry[f"{name}_per_frame"] = timing["seconds"] / horizon
             entry[f"{name}_peak_bytes"] = timing["peak_bytes"]
@@ -187,9 +213,11 @@ def bench_sampling_steps(preset, batch_size, horizon, device, repeats):
     torch.manual_seed(0)
     model = DynamicsModel(bench_config(preset)).to(device).eval()
     context, actions = rollout_inputs(model.config, batch_size, horizon, device)
-    timings = measure_interleaved([functools.partial(rollout, model, context, actions, K=K) for K in (4, 64)],
-                                  device, repeats)
-    return [dict(preset=preset, batch_size=batch_size, K=K, per_frame=timing["seconds"] / horizon,
+    precision, autocast = inference_precision(device)
+    with autocast():
+        timings = measure_interleaved([functools.partial(rollout, model, context, actions, K=K) for K in (4, 64)],
+                                      device, repeats)
+    return [dict(preset=preset, batch_size=batch_size, K=K, precision=precision, per_frame=timing["seconds"] / horizon,
                  peak_bytes=timing["peak_bytes"]) for K, timing in zip((4, 64), timings)]
 
 
@@ -212,10 +240,7 @@ def bench_cem(preset, device, repeats, samples=300, horizon=5, iterations=10, lo
         learned = LearnedModel(model, None, None, stats, K=K, precision=precision)
         planners.append(CEMPlanner(learned, horizon=horizon, samples=samples, top_k=samples // 10,
                                    iterations=iterations))
-        counter = FlopCounterMode(display=False)
-        with counter:
-            planners[-1].plan(context, goal)
-        flops.append(counter.get_total_flops())
+        flops.append(count_flops(model, functools.partial(planners[-1].plan, context, goal)))
     timings = measure_interleaved([functools.partial(planner.plan, context, goal) for planner in planners],
                                   device, repeats)  # the three plans in turn
     results = [dict(preset=preset, samples=samples, horizon=horizon, iterations=iterations, K=K,
@@ -350,7 +375,10 @@ def milliseconds(value):
 
 
 def markdown_table(title, columns, rows):
-    """A '## title' section with a Markdown table: columns (names), rows (lists of cell strings)."""
+    """A '## title' section with a Markdown table: columns (names), rows (lists of cell strings);
+    nothing when there are no rows (a figure a run cut short did not reach)."""
+    if not rows:
+        return []
     return ["", f"## {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
             *("| " + " | ".join(row) + " |" for row in rows)]
 
@@ -361,15 +389,16 @@ def attention_reference(report, entry):
                 and e["backend"] == "plain" and e["soft_cap"] == entry["soft_cap"])
 
 
-def write_report(path, lines, report):
-    """The Markdown `lines` to `path`, the `report` as JSON beside it; both printed / named."""
+def write_report(path, lines, report, echo=True):
+    """The Markdown `lines` to `path`, the `report` as JSON beside it; printed and named if `echo`."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as file:
         file.write("\n".join(lines) + "\n")
     with open(os.path.splitext(path)[0] + ".json", "w") as file:
         json.dump(report, file, indent=1)
-    print("\n".join(lines))
-    print(f"wrote {path}")
+    if echo:
+        print("\n".join(lines))
+        print(f"wrote {path}")
 
 
 def markdown_intro(report):
@@ -383,7 +412,9 @@ def markdown_intro(report):
         f"fp32 {machine['matmul_gflops_by_precision']['fp32']:.1f}, each also measured after the planning figures, "
         f"which are compared with them too). Each figure: median of {report['repeats']} "
         "runs after warm-up. Peak memory on CPU: resident memory above the start, in one extra run after malloc "
-        "handed back the memory it kept (n/a: under 1 MB, or not Linux).")
+        "handed back the memory it kept (n/a: under 1 MB, or not Linux)."
+        + ("" if report["complete"] else f" **Cut short**: this run stopped after its {report['measured'][-1]} "
+                                          "figure."))
 
 
 def model_tables(report):
@@ -395,30 +426,33 @@ def model_tables(report):
         [[e["preset"], f"{e['parameters'] / 1e6:.2f} M", f"{e['batch_size']} × {e['frames']}", e["precision"],
           f"{e['seconds']:.3f}", f"{e['frames_per_s']:.0f}", f"{e['tokens_per_s']:.0f}",
           f"{e['flops_per_step'] / 1e9:.1f}", f"{e['mfu'] * 100:.0f} %", megabytes(e["peak_bytes"])]
-         for e in report["training"]])
+         for e in report.get("training", [])])
     lines += markdown_table(
         "Attention kernels (fused vs the plain reference)",
-        ["preset", "layer", "rows × length", "backend", "soft cap", "forward", "fwd + bwd", "fwd speed-up",
-         "fwd+bwd speed-up"],
-        [[e["preset"], e["kind"], f"{e['rows']} × {e['length']}", e["backend"], f"{e['soft_cap']:g}",
+        ["preset", "layer", "rows × length", "precision", "backend", "soft cap", "forward", "fwd + bwd",
+         "fwd speed-up", "fwd+bwd speed-up"],
+        [[e["preset"], e["kind"], f"{e['rows']} × {e['length']}", e["precision"], e["backend"], f"{e['soft_cap']:g}",
           milliseconds(e["forward"]), milliseconds(e["forward_backward"]),
           f"{attention_reference(report, e)['forward'] / e['forward']:.2f}×",
           f"{attention_reference(report, e)['forward_backward'] / e['forward_backward']:.2f}×"]
-         for e in report["attention"]])
+         for e in report.get("attention", [])])
     lines += markdown_table(
         "Rollout: time per generated frame, KV cache vs recomputing the past (K = 4)",
-        ["preset", "batch", "horizon", "cached", "recomputed", "speed-up", "peak mem cached", "peak mem recomputed"],
-        [[e["preset"], str(e["batch_size"]), str(e["horizon"]), milliseconds(e["cached_per_frame"]),
+        ["preset", "batch", "horizon", "precision", "cached", "recomputed", "speed-up", "peak mem cached",
+         "peak mem recomputed"],
+        [[e["preset"], str(e["batch_size"]), str(e["horizon"]), e["precision"],
+          milliseconds(e["cached_per_frame"]),
           milliseconds(e["recomputed_per_frame"]) if e.get("recomputed_per_frame") else "not run",
           f"{e['recomputed_per_frame'] / e['cached_per_frame']:.1f}×" if e.get("recomputed_per_frame") else "",
           megabytes(e["cached_peak_bytes"]),
           megabytes(e.get("recomputed_peak_bytes")) if e.get("recomputed_per_frame") else ""]
-         for e in report["rollout"]])
+         for e in report.get("rollout", [])])
     lines += markdown_table(
-        "Sampling steps per frame (KV cache)", ["preset", "batch", "K", "per frame", "peak mem"],
-        [[e["preset"], str(e["batch_size"]), str(e["K"]), milliseconds(e["per_frame"]), megabytes(e["peak_bytes"])]
-         for e in report["sampling"]])
-    reference = {e["preset"]: e for e in report["cem"] if "looped_seconds" in e}
+        "Sampling steps per frame (KV cache)", ["preset", "batch", "K", "precision", "per frame", "peak mem"],
+        [[e["preset"], str(e["batch_size"]), str(e["K"]), e["precision"], milliseconds(e["per_frame"]),
+          megabytes(e["peak_bytes"])]
+         for e in report.get("sampling", [])])
+    reference = {e["preset"]: e for e in report.get("cem", []) if "looped_seconds" in e}
     lines += markdown_table(
         "One CEM MPC step (one plan): batched, and against its FLOP bound (its FLOPs at the measured matmul rate of "
         "its precision)",
@@ -428,7 +462,7 @@ def model_tables(report):
           f"{e['seconds']:.2f} s", f"{e['flops'] / 1e9:.0f}", f"{e['bound_seconds']:.2f} s",
           f"{e['seconds'] / e['bound_seconds']:.1f}×", f"{reference[e['preset']]['seconds'] / e['seconds']:.1f}×",
           f"{e['looped_seconds']:.1f} s (scaled from a few; {e['looped_seconds'] / e['seconds']:.0f}× slower)"
-          if "looped_seconds" in e else "", megabytes(e["peak_bytes"])] for e in report["cem"]])
+          if "looped_seconds" in e else "", megabytes(e["peak_bytes"])] for e in report.get("cem", [])])
     return lines
 
 
@@ -440,7 +474,7 @@ def data_tables(report):
          "peak mem cached"],
         [[e["encoder"], f"{e['on_the_fly_clips_per_s']:.1f}", f"{e['cached_clips_per_s']:.0f}",
           f"{e['cached_clips_per_s'] / e['on_the_fly_clips_per_s']:.0f}×", megabytes(e["on_the_fly_peak_bytes"]),
-          megabytes(e["cached_peak_bytes"])] for e in report["data"]])
+          megabytes(e["cached_peak_bytes"])] for e in report.get("data", [])])
     lines += markdown_table(
         "Encoding video into the feature cache: frames/s (AV1, 4 episodes x 40 frames)",
         ["encoder", "episodes in order (encoder.py)", "in order, 2 decoding workers", "one seek per frame",
@@ -448,13 +482,13 @@ def data_tables(report):
         [[e["encoder"], f"{e['in_order_frames_per_s']:.0f}", f"{e['workers_frames_per_s']:.0f}",
           f"{e['per_frame_frames_per_s']:.0f}", f"{e['in_order_frames_per_s'] / e['per_frame_frames_per_s']:.1f}×",
           f"{e['shards_frames_per_s']:.0f}", megabytes(e["in_order_peak_bytes"])]
-         for e in report["encoding"]])
+         for e in report.get("encoding", [])])
     return lines
 
 
 def peer_report(args, device):
     """bench.py --peer: peer.py's side-by-side training step at the tiny and small presets, written to
-    BENCHMARKS_PEER.md/.json."""
+    BENCHMARKS_PEER.md/.json (on a GPU BENCHMARKS_PEER_CUDA.md/.json)."""
     version = peer_module.peer_available()
     if version is None:
         raise SystemExit(f"error: the peer implementation is not installed: pip install {peer_module.PEER}=="
@@ -467,7 +501,8 @@ def peer_report(args, device):
         print(f"[bench] peer, {preset} ...", file=sys.stderr, flush=True)
         results.append(dict(preset=preset, **peer_module.bench_peer(
             bench_config(preset), batch_size, 8, device, args.repeats or (3 if args.quick else steps), precision)))
-    report = dict(date=time.strftime("%Y-%m-%d"), peer=f"{peer_module.PEER} {version}", device=str(device),
+    report = dict(date=time.strftime("%Y-%m-%d"), peer=f"{peer_module.PEER} {version}",
+                  device=torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
                   threads=torch.get_num_threads(), results=results)
     rows = [[e["preset"], f"{e['batch_size']} × {e['frames']}", e["precision"],
              *(f"{e[name]['seconds']:.3f} s ({e[name]['trained_parameters'] / 1e6:.2f} M)"
@@ -481,8 +516,22 @@ def peer_report(args, device):
              "interleaved; parameters that get a gradient in brackets; throughput ratio = peer time / our time."]
     lines += markdown_table("Training step", ["preset", "batch × frames", "precision", "ours", "peer (default)",
                                               "peer (lean)", "throughput, ours / peer", "ours / peer lean"], rows)
-    write_report(args.out or "BENCHMARKS_PEER.md", lines, report)
+    write_report(args.out or ("BENCHMARKS_PEER_CUDA.md" if device.type == "cuda" else "BENCHMARKS_PEER.md"), lines,
+                 report)
     return 0
+
+
+def write_full_report(path, report, rates, echo):
+    """The figures measured so far, with MFU and FLOP bounds against the best matmul rate seen so far."""
+    best = {precision: max(measured) for precision, measured in rates.items()}  # the best of every measurement
+    report["machine"].update(matmul_gflops=best[report["machine"]["matmul_dtype"]] / 1e9,
+                             matmul_gflops_by_precision={p: rate / 1e9 for p, rate in best.items()})
+    for entry in report.get("training", []):
+        entry["mfu"] = entry["flops_per_s"] / best[entry["precision"]]
+    for entry in report.get("cem", []):
+        entry["bound_seconds"] = entry["flops"] / best[entry["precision"]]
+    write_report(path, ["# Benchmarks", "", markdown_intro(report)] + model_tables(report) + data_tables(report),
+                 report, echo)
 
 
 def build_argument_parser():
@@ -490,8 +539,9 @@ def build_argument_parser():
                                                  "memory; write BENCHMARKS.md and BENCHMARKS.json.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny preset and small sizes only (~2 minutes on 2 CPU cores)")
-    parser.add_argument("--out", help="Markdown report, the JSON beside it; if not given, BENCHMARKS.md (with "
-                                      "--peer BENCHMARKS_PEER.md)")
+    parser.add_argument("--out", help="Markdown report, the JSON beside it (written after each figure, so a run cut "
+                                      "short keeps what it measured); if not given, BENCHMARKS.md (--peer: BENCHMARKS_PEER.md; "
+                                      "--device cuda: BENCHMARKS_CUDA.md, BENCHMARKS_PEER_CUDA.md)")
     parser.add_argument("--peer", action="store_true", help="only our training step side by side with the peer "
                                                              "implementation's (peer.py; needs dreamer4 installed)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -513,7 +563,7 @@ def main(argv=None):
     device = torch.device(args.device)
     if args.peer:
         return peer_report(args, device)
-    args.out = args.out or "BENCHMARKS.md"
+    args.out = args.out or ("BENCHMARKS_CUDA.md" if device.type == "cuda" else "BENCHMARKS.md")
     repeats = args.repeats or (2 if args.quick else 5)
     presets = ["tiny"] if args.quick else ["tiny", "small"] + (["droid"] if device.type == "cuda" else [])
     # batch sizes: tiny as the demo trains it; larger presets smaller on CPU so the bench ends in minutes
@@ -527,7 +577,7 @@ def main(argv=None):
     training_precision = "bf16" if device.type == "cuda" else "fp32"
     rates = {name: [matmul_rate(device, matmul_n, repeats, dtype)] for name, dtype in dtypes.items()}
 
-    report = dict(date=time.strftime("%Y-%m-%d"), quick=args.quick, repeats=repeats, machine=dict(
+    report = dict(date=time.strftime("%Y-%m-%d"), quick=args.quick, repeats=repeats, measured=[], machine=dict(
         device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
         threads=torch.get_num_threads(), torch=torch.__version__, python=platform.python_version(),
         matmul_n=matmul_n, matmul_dtype=training_precision))
@@ -565,15 +615,9 @@ def main(argv=None):
             if name == "cem":  # the rates again, right after the planning figures
                 for precision, dtype in dtypes.items():
                     rates[precision].append(matmul_rate(device, matmul_n, repeats, dtype))
-    best = {precision: max(measured) for precision, measured in rates.items()}  # the best of every measurement
-    report["machine"].update(matmul_gflops=best[training_precision] / 1e9,
-                             matmul_gflops_by_precision={p: rate / 1e9 for p, rate in best.items()})
-    for entry in report["training"]:
-        entry["mfu"] = entry["flops_per_s"] / best[entry["precision"]]
-    for entry in report["cem"]:
-        entry["bound_seconds"] = entry["flops"] / best[entry["precision"]]
-    write_report(args.out, ["# Benchmarks", "", markdown_intro(report)] + model_tables(report) + data_tables(report),
-                 report)
+            report["measured"].append(name)
+            report["complete"] = name == steps[-1][0]
+            write_full_report(args.out, report, rates, echo=report["complete"])  # a run cut short keeps its figures
     return 0
 
 

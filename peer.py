@@ -23,6 +23,11 @@ parameter counts printed are those with a gradient. Two peer variants:
               mixing, attention pooling over earlier layers, key-only RMSNorm
     lean      those extras off and QK-norm on: the closest to our block, about our parameter count
 
+On a GPU the peer's own flex_attention path fails in its time layers (dreamer4 0.20.2, torch 2.11:
+"flex_attention() got an unexpected keyword argument 'causal'"), so there it runs with its module's
+`flex_attention` set to None, its switch for "flex not available": its plain attention, as on CPU,
+while ours uses flex_attention for the soft-capped layers.
+
 Known differences left: the peer adds an agent token per frame (23 tokens against our 22 at the
 tiny preset) and a final block for it, has biases in its MLP, gives every row actions (ours:
 half the rows labelled, the rest the "no action" embedding), and per step chooses shortcut
@@ -51,9 +56,12 @@ def peer_available():
         return None
 
 
-def peer_model(config, lean):
-    """The peer's DynamicsWorldModel at our DynamicsConfig's sizes."""
+def peer_model(config, lean, device):
+    """The peer's DynamicsWorldModel at our DynamicsConfig's sizes, on `device`."""
+    import dreamer4.dreamer4
     from dreamer4 import DynamicsWorldModel
+    if device.type == "cuda":  # its flex path fails on a GPU (module docstring): its own "no flex" switch
+        dreamer4.dreamer4.flex_attention = None
     attention, transformer = dict(query_heads=config.heads), {}  # GQA: attn_heads are the key/value heads
     if lean:
         attention.update(gate_values=False, belief_attn=False, rmsnorm_query=True)
@@ -65,7 +73,7 @@ def peer_model(config, lean):
         attn_kwargs=attention, transformer_kwargs=transformer, time_block_every=config.time_every,
         num_register_tokens=config.num_registers, max_steps=config.k_max, num_continuous_actions=config.action_dim,
         multi_token_pred_len=1, predict_terminals=False, continuous_action_loss_weight=0.0,
-        discrete_action_loss_weight=0.0)
+        discrete_action_loss_weight=0.0).to(device)
 
 
 def training_step(model, loss_function, precision, device):
@@ -97,7 +105,7 @@ def bench_peer(config, batch_size, frames, device, steps, precision="fp32", seed
     step_generator = torch.Generator(device).manual_seed(seed)
     models = {"ours": (ours, lambda: shortcut_forcing_loss(ours, z, actions, mask, generator=step_generator)[0])}
     for name, lean in (("peer", False), ("peer lean", True)):
-        peer = peer_model(config, lean).to(device).train()
+        peer = peer_model(config, lean, device).train()
         models[name] = (peer, lambda peer=peer: peer(latents=z, continuous_actions=actions,
                                                       add_autoregressive_action_loss=False))
     runs = {name: training_step(model, loss, precision, device) for name, (model, loss) in models.items()}

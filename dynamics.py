@@ -203,8 +203,8 @@ def compiled(function):
     """torch.compile(function), built once on first use (importing this file stays cheap).
     flex_attention compiles anew per layer kind (space; causal time), grad mode (the bootstrap's
     no-grad passes), dtype and first new shape (then dynamic): more than dynamo's default of 8
-    entries in one process, past which every call would run unfused and eager (seen on a GPU:
-    rollouts 10x slower), so the limit is raised to 64."""
+    entries in one process, past which every call would run unfused and eager (seen on a GPU: the
+    bench's rollout figure did not end in ~230 s; with the limit at 64 it took 128 s)."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return torch.compile(function)
 

@@ -544,7 +544,8 @@ def build_argument_parser():
                                       "--device cuda: BENCHMARKS_CUDA.md, BENCHMARKS_PEER_CUDA.md)")
     parser.add_argument("--peer", action="store_true", help="only our training step side by side with the peer "
                                                              "implementation's (peer.py; needs dreamer4 installed)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda (bf16 autocast, flex_attention, the droid preset too)")
     parser.add_argument("--repeats", type=int, help="timed runs per figure; if not given, 5 (--quick: 2)")
     parser.add_argument("--threads", type=int, help="torch CPU threads; if not given, torch's choice")
     parser.add_argument("--compile", action="store_true", help="also time flex_attention / compiled attention on CPU "

@@ -50,7 +50,6 @@ absolute numbers drift. What is measured, and the slow alternative each is compa
    untimed run with malloc set up so that resident memory follows the tensors).
 """
 import argparse
-import contextlib
 import functools
 import json
 import os
@@ -72,6 +71,19 @@ from dynamics import Attention, DynamicsConfig, DynamicsModel, attend
 from cem import CEMPlanner, LearnedModel
 from shortcut import rollout, shortcut_forcing_loss
 from timing import matmul_rate, measure, measure_interleaved
+
+
+DTYPES = dict(fp32=torch.float32, bf16=torch.bfloat16)
+
+
+def device_precision(device):
+    """The precision a user runs on this device: bf16 (autocast) on a GPU, fp32 on CPU."""
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
+def autocast(device, precision):
+    """bf16 autocast for precision "bf16" (on CPU too), nothing for "fp32"."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,11 +127,10 @@ def bench_training(preset, batch_size, frames, device, repeats, measure_matmul_r
     model = DynamicsModel(config).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
     z, actions, mask = random_batch(config, batch_size, frames, device)
-    use_bf16 = precision == "bf16"
     generator = torch.Generator(device).manual_seed(0)
 
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext():
+        with autocast(device, precision):
             loss, _ = shortcut_forcing_loss(model, z, actions, mask, generator=generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -155,11 +166,11 @@ def bench_attention(preset, batch_size, frames, device, repeats, backends):
     training step's precision (bf16 on a GPU, fp32 on CPU)."""
     config = bench_config(preset)
     S = config.tokens_per_frame
-    precision, dtype = ("bf16", torch.bfloat16) if device.type == "cuda" else ("fp32", torch.float32)
+    precision = device_precision(device)
     kinds = dict(space=(batch_size * frames, S, False), time=(batch_size * S, frames, True))
     results = []
     for kind, (rows, length, causal) in kinds.items():
-        q, k, v = attention_inputs(config, rows, length, device, dtype)
+        q, k, v = attention_inputs(config, rows, length, device, DTYPES[precision])
         leaves = [x.clone().requires_grad_() for x in (q, k, v)]  # their gradients accumulate: a small add
         for backend, soft_cap in backends:
             timing_forward = measure(lambda: attend(q, k, v, causal, soft_cap, backend), device, repeats)
@@ -181,24 +192,17 @@ def rollout_inputs(config, batch_size, horizon, device, context_frames=1):
     return context.to(device), actions.to(device)
 
 
-def inference_precision(device):
-    """Rollouts and sampling: bf16 autocast on a GPU (as a GPU user would run them), fp32 on CPU."""
-    if device.type == "cuda":
-        return "bf16", functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
-    return "fp32", contextlib.nullcontext
-
-
 def bench_rollout(preset, batch_size, horizons, device, repeats, recompute_up_to):
     torch.manual_seed(0)
     model = DynamicsModel(bench_config(preset)).to(device).eval()
-    precision, autocast = inference_precision(device)
+    precision = device_precision(device)
     results = []
     for horizon in horizons:
         context, actions = rollout_inputs(model.config, batch_size, horizon, device)
         entry = dict(preset=preset, batch_size=batch_size, horizon=horizon, precision=precision)
         # recomputation is quadratic: only up to the horizon the caller can afford; timed in turn with the cache
         names = ["cached", "recomputed"] if horizon <= recompute_up_to else ["cached"]
-        with autocast():
+        with autocast(device, precision):
             timings = measure_interleaved([functools.partial(rollout, model, context, actions, K=4,
                                                              use_cache=name == "cached") for name in names],
                                           device, repeats)
@@ -213,8 +217,8 @@ def bench_sampling_steps(preset, batch_size, horizon, device, repeats):
     torch.manual_seed(0)
     model = DynamicsModel(bench_config(preset)).to(device).eval()
     context, actions = rollout_inputs(model.config, batch_size, horizon, device)
-    precision, autocast = inference_precision(device)
-    with autocast():
+    precision = device_precision(device)
+    with autocast(device, precision):
         timings = measure_interleaved([functools.partial(rollout, model, context, actions, K=K) for K in (4, 64)],
                                       device, repeats)
     return [dict(preset=preset, batch_size=batch_size, K=K, precision=precision, per_frame=timing["seconds"] / horizon,
@@ -486,6 +490,19 @@ def data_tables(report):
     return lines
 
 
+def write_full_report(path, report, rates, echo):
+    """The figures measured so far, with MFU and FLOP bounds against the best matmul rate seen so far."""
+    best = {precision: max(measured) for precision, measured in rates.items()}  # the best of every measurement
+    report["machine"].update(matmul_gflops=best[report["machine"]["matmul_dtype"]] / 1e9,
+                             matmul_gflops_by_precision={p: rate / 1e9 for p, rate in best.items()})
+    for entry in report.get("training", []):
+        entry["mfu"] = entry["flops_per_s"] / best[entry["precision"]]
+    for entry in report.get("cem", []):
+        entry["bound_seconds"] = entry["flops"] / best[entry["precision"]]
+    write_report(path, ["# Benchmarks", "", markdown_intro(report)] + model_tables(report) + data_tables(report),
+                 report, echo)
+
+
 def peer_report(args, device):
     """bench.py --peer: peer.py's side-by-side training step at the tiny and small presets, written to
     BENCHMARKS_PEER.md/.json (on a GPU BENCHMARKS_PEER_CUDA.md/.json)."""
@@ -493,7 +510,7 @@ def peer_report(args, device):
     if version is None:
         raise SystemExit(f"error: the peer implementation is not installed: pip install {peer_module.PEER}=="
                          f"{peer_module.PEER_VERSION} in a separate environment (peer.py says how); nothing measured")
-    precision = "bf16" if device.type == "cuda" else "fp32"
+    precision = device_precision(device)
     sizes = dict(tiny=(16, 20), small=(8 if device.type == "cuda" else 2, 8))  # batch, timed steps per model
     results = []
     for preset in ["tiny"] if args.quick else ["tiny", "small"]:
@@ -519,19 +536,6 @@ def peer_report(args, device):
     write_report(args.out or ("BENCHMARKS_PEER_CUDA.md" if device.type == "cuda" else "BENCHMARKS_PEER.md"), lines,
                  report)
     return 0
-
-
-def write_full_report(path, report, rates, echo):
-    """The figures measured so far, with MFU and FLOP bounds against the best matmul rate seen so far."""
-    best = {precision: max(measured) for precision, measured in rates.items()}  # the best of every measurement
-    report["machine"].update(matmul_gflops=best[report["machine"]["matmul_dtype"]] / 1e9,
-                             matmul_gflops_by_precision={p: rate / 1e9 for p, rate in best.items()})
-    for entry in report.get("training", []):
-        entry["mfu"] = entry["flops_per_s"] / best[entry["precision"]]
-    for entry in report.get("cem", []):
-        entry["bound_seconds"] = entry["flops"] / best[entry["precision"]]
-    write_report(path, ["# Benchmarks", "", markdown_intro(report)] + model_tables(report) + data_tables(report),
-                 report, echo)
 
 
 def build_argument_parser():
@@ -574,9 +578,8 @@ def main(argv=None):
     if device.type == "cuda" or args.compile:
         backends += [("flex", 50.0)]
     matmul_n = 4096 if device.type == "cuda" else (512 if args.quick else 1024)
-    dtypes = dict(fp32=torch.float32, bf16=torch.bfloat16)
-    training_precision = "bf16" if device.type == "cuda" else "fp32"
-    rates = {name: [matmul_rate(device, matmul_n, repeats, dtype)] for name, dtype in dtypes.items()}
+    training_precision = device_precision(device)
+    rates = {name: [matmul_rate(device, matmul_n, repeats, dtype)] for name, dtype in DTYPES.items()}
 
     report = dict(date=time.strftime("%Y-%m-%d"), quick=args.quick, repeats=repeats, measured=[], machine=dict(
         device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
@@ -595,7 +598,7 @@ def main(argv=None):
     trained = [(p, training_precision) for p in presets] + ([("tiny", "bf16")] if device.type != "cuda" else [])
     steps = [("training", lambda: [bench_training(p, training_batch[p], frames, device, runs[p],
                                                   lambda: rates[precision].append(
-                                                      matmul_rate(device, matmul_n, repeats, dtypes[precision])),
+                                                      matmul_rate(device, matmul_n, repeats, DTYPES[precision])),
                                                   precision) for p, precision in trained]),
              ("attention", lambda: [e for p in presets for e in bench_attention(p, training_batch[p], frames, device,
                                                                                  runs[p], backends)]),
@@ -614,7 +617,7 @@ def main(argv=None):
             report[name] = run()
             print(f"[bench] {name}: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
             if name == "cem":  # the rates again, right after the planning figures
-                for precision, dtype in dtypes.items():
+                for precision, dtype in DTYPES.items():
                     rates[precision].append(matmul_rate(device, matmul_n, repeats, dtype))
             report["measured"].append(name)
             report["complete"] = name == steps[-1][0]

@@ -35,10 +35,10 @@ absolute numbers drift. What is measured, and the slow alternative each is compa
    timed in turn, in the rollout's precision.
 5. One CEM MPC step at DINO-WM's size (300 samples × horizon 5, 10 iterations): all candidates of
    an iteration in one batched rollout, against one rollout per candidate (timed on a few candidates
-   and scaled to 300: the loop's cost is linear in the candidates); at K = 4 in fp32 (the planner's
-   default for real checkpoints), at K = 1, and at K = 1 in bf16 (autocast, also on CPU), timed in
-   turn. Each plan against its FLOP bound: its FLOPs, counted like the training step's, over the
-   measured matmul rate of its precision. On CPU the small preset plans 64 samples × 1 iteration (the full size would
+   and scaled to 300: the loop's cost is linear in the candidates); at K = 4 and K = 1 in the
+   precision plan.py plans in on the device (fp32 on CPU, bf16 autocast on a GPU), on CPU also at
+   K = 1 in bf16, timed in turn. Each plan against its FLOP bound: its FLOPs, counted like the
+   training step's, over the measured matmul rate of its precision. On CPU the small preset plans 64 samples × 1 iteration (the full size would
    take tens of minutes there): enough for its time / bound ratio.
 6. Data: clips/s from a LeRobot dataset (the toy's PNG frames) + DINOv2 on the fly, against reading the feature
    cache that `python encoder.py` writes; for the toy tiny DINOv2 and for a DINOv2-S-sized encoder
@@ -230,29 +230,32 @@ def bench_sampling_steps(preset, batch_size, horizon, device, repeats):
 
 
 def bench_cem(preset, device, repeats, samples=300, horizon=5, iterations=10, loop_candidates=4):
-    """One plan at K = 4 in fp32 (the planner's default for real checkpoints), at K = 1, and at K = 1
-    in bf16; each plan's FLOPs are counted (its FLOP bound is computed in main, from the matmul rate
-    of its precision). The slow alternative of the first: one rollout per candidate."""
+    """One plan at K = 4 and at K = 1 in the precision plan.py uses on this device (fp32 on CPU, bf16
+    on a GPU), on CPU also at K = 1 in bf16; each plan's FLOPs are counted (its FLOP bound is computed
+    in main, from the matmul rate of its precision). The slow alternative of the first: one rollout
+    per candidate."""
     torch.manual_seed(0)
     model = DynamicsModel(bench_config(preset)).to(device).eval()
     config = model.config
     stats = data.ActionStats(torch.zeros(7), torch.ones(7))
     context = (torch.randn(2, config.num_tokens, config.token_dim, device=device), None)  # 2 action-free frames
     goal = torch.randn(config.num_tokens, config.token_dim, device=device)
-    variants, planners, flops = ((4, "fp32"), (1, "fp32"), (1, "bf16")), [], []
+    default = device_precision(device)  # plan.py's precision on this device
+    variants = ((4, default), (1, default)) + (((1, "bf16"),) if default != "bf16" else ())
+    planners, flops = [], []
     for K, precision in variants:
         learned = LearnedModel(model, None, None, stats, K=K, precision=precision)
         planners.append(CEMPlanner(learned, horizon=horizon, samples=samples, top_k=samples // 10,
                                    iterations=iterations))
         flops.append(count_flops(model, functools.partial(planners[-1].plan, context, goal)))
     timings = measure_interleaved([functools.partial(planner.plan, context, goal) for planner in planners],
-                                  device, repeats)  # the three plans in turn
+                                  device, repeats)  # the plans in turn
     results = [dict(preset=preset, samples=samples, horizon=horizon, iterations=iterations, K=K,
                     precision=precision, seconds=timing["seconds"], flops=count, peak_bytes=timing["peak_bytes"])
                for (K, precision), count, timing in zip(variants, flops, timings)]
     # the slow alternative of the first: one rollout per candidate; timed on a few, scaled to samples x iterations
-    one_by_one = CEMPlanner(LearnedModel(model, None, None, stats, K=4), horizon=horizon, samples=1, top_k=1,
-                            iterations=1)
+    one_by_one = CEMPlanner(LearnedModel(model, None, None, stats, K=4, precision=default), horizon=horizon,
+                            samples=1, top_k=1, iterations=1)
     single = measure(lambda: [one_by_one.score(context, goal, torch.zeros(1, horizon, 7))
                               for _ in range(loop_candidates)], device, repeats)
     results[0]["looped_seconds"] = single["seconds"] / loop_candidates * samples * iterations
@@ -461,7 +464,7 @@ def model_tables(report):
         "One CEM MPC step (one plan): batched, and against its FLOP bound (its FLOPs at the measured matmul rate of "
         "its precision)",
         ["preset", "samples × horizon × iterations", "K", "precision", "one plan", "GFLOP", "FLOP bound",
-         "time / bound", "speed-up vs K = 4 fp32", "one rollout per candidate", "peak mem"],
+         "time / bound", "speed-up vs K = 4", "one rollout per candidate", "peak mem"],
         [[e["preset"], f"{e['samples']} × {e['horizon']} × {e['iterations']}", str(e["K"]), e["precision"],
           f"{e['seconds']:.2f} s", f"{e['flops'] / 1e9:.0f}", f"{e['bound_seconds']:.2f} s",
           f"{e['seconds'] / e['bound_seconds']:.1f}×", f"{reference[e['preset']]['seconds'] / e['seconds']:.1f}×",
@@ -596,6 +599,7 @@ def main(argv=None):
         plan_sizes["small"] = dict(samples=64, iterations=1)
     # training: each preset in the device's precision; on CPU the tiny preset in bf16 autocast too
     trained = [(p, training_precision) for p in presets] + ([("tiny", "bf16")] if device.type != "cuda" else [])
+    # measured in this order, the costliest figure (CEM) last: a run cut short keeps the others
     steps = [("training", lambda: [bench_training(p, training_batch[p], frames, device, runs[p],
                                                   lambda: rates[precision].append(
                                                       matmul_rate(device, matmul_n, repeats, DTYPES[precision])),
@@ -606,10 +610,10 @@ def main(argv=None):
                  p, 4 if p != "droid" else 16, [4, 8] if args.quick else [4, 8, 16, 32], device, runs[p],
                  recompute_up_to=8 if args.quick else dict(tiny=32, small=16).get(p, 8))]),
              ("sampling", lambda: [e for p in presets for e in bench_sampling_steps(p, 4, 2, device, runs[p])]),
-             ("cem", lambda: [e for p in presets for e in bench_cem(
-                 p, device, runs[p] if args.quick or device.type == "cuda" else 1, **plan_sizes[p])]),
              ("data", lambda: bench_data(work, device, batches=2 if args.quick else 4, quick=args.quick)),
-             ("encoding", lambda: bench_encoding(work, device, quick=args.quick))]
+             ("encoding", lambda: bench_encoding(work, device, quick=args.quick)),
+             ("cem", lambda: [e for p in presets for e in bench_cem(
+                 p, device, runs[p] if args.quick or device.type == "cuda" else 1, **plan_sizes[p])])]
     with tempfile.TemporaryDirectory(prefix="bench_") as work:
         for name, run in steps:
             start = time.perf_counter()

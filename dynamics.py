@@ -209,10 +209,20 @@ def compiled(function):
     return torch.compile(function)
 
 
+# flex_attention's GPU kernel puts the batch (here: rows) on a grid dimension that CUDA caps at
+# 65 535; a time layer has B·S rows (a droid-sized CEM iteration: 300 candidates x 256 tokens = 76 800).
+FLEX_MAX_ROWS = 65535
+
+
 def flex_soft_cap_attention(q, k, v, causal, soft_cap):
-    """flex_attention with the soft cap and the causal mask applied to each score by `score_mod`.
-    `offset` is a constant of the compiled kernel; it is 0 in training and when the cache is
-    filled, so a new value (several frames appended to a non-empty cache) rarely compiles anew."""
+    """flex_attention with the soft cap and the causal mask applied to each score by `score_mod`,
+    over at most FLEX_MAX_ROWS rows per call. `offset` is a constant of the compiled kernel; it is 0
+    in training and when the cache is filled, so a new value (several frames appended to a non-empty
+    cache) rarely compiles anew."""
+    if q.shape[0] > FLEX_MAX_ROWS:  # rows are independent: attend in chunks
+        return torch.cat([flex_soft_cap_attention(q[i:i + FLEX_MAX_ROWS], k[i:i + FLEX_MAX_ROWS],
+                                                  v[i:i + FLEX_MAX_ROWS], causal, soft_cap)
+                          for i in range(0, q.shape[0], FLEX_MAX_ROWS)])
     offset = k.shape[2] - q.shape[2]
 
     def score_mod(score, batch, head, query_index, key_index):

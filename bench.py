@@ -3,6 +3,7 @@
     python bench.py                   # tiny and small presets (and droid on a GPU), minutes on 2 CPU cores
     python bench.py --quick           # tiny preset, small sizes: ~2 minutes on 2 CPU cores (the test runs it)
     python bench.py --device cuda     # on a GPU, to BENCHMARKS_CUDA.md: bf16 autocast, flex attention, droid preset
+    python bench.py --device cuda --only cem --presets droid --out cem.md   # one figure, one preset
 
 Every figure is the median of `repeats` timed runs after warm-up runs, and every fast path is timed
 against its slow alternative in the same run, so the ratio holds even on a busy machine where the
@@ -420,6 +421,7 @@ def markdown_intro(report):
         f"which are compared with them too). Each figure: median of {report['repeats']} "
         "runs after warm-up. Peak memory on CPU: resident memory above the start, in one extra run after malloc "
         "handed back the memory it kept (n/a: under 1 MB, or not Linux)."
+        + (f" Only the figures asked for (`--only`): {', '.join(report['only'])}." if report.get("only") else "")
         + ("" if report["complete"] else f" **Cut short**: this run stopped after its {report['measured'][-1]} "
                                           "figure."))
 
@@ -541,6 +543,9 @@ def peer_report(args, device):
     return 0
 
 
+FIGURES = ["training", "attention", "rollout", "sampling", "data", "encoding", "cem"]  # the order they run in
+
+
 def build_argument_parser():
     parser = argparse.ArgumentParser(description="Measure training, attention, rollout, planning and data speed and "
                                                  "memory; write BENCHMARKS.md and BENCHMARKS.json.",
@@ -555,6 +560,11 @@ def build_argument_parser():
                         help="cpu or cuda (bf16 autocast, flex_attention, the droid preset too)")
     parser.add_argument("--repeats", type=int, help="timed runs per figure; if not given, 5 (--quick: 2)")
     parser.add_argument("--threads", type=int, help="torch CPU threads; if not given, torch's choice")
+    parser.add_argument("--only", nargs="+", choices=FIGURES, metavar="FIGURE",
+                        help=f"measure only these figures (in this order: {' '.join(FIGURES)}); if not given, all")
+    parser.add_argument("--presets", nargs="+", choices=["tiny", "small", "droid"], metavar="PRESET",
+                        help="model presets of the model figures (tiny, small, droid); if not given, tiny and small "
+                             "(and droid on a GPU; --quick: tiny)")
     parser.add_argument("--compile", action="store_true", help="also time flex_attention / compiled attention on CPU "
                                                                "(needs a C++ compiler; compiles for minutes)")
     return parser
@@ -573,7 +583,7 @@ def main(argv=None):
         return peer_report(args, device)
     args.out = args.out or ("BENCHMARKS_CUDA.md" if device.type == "cuda" else "BENCHMARKS.md")
     repeats = args.repeats or (2 if args.quick else 5)
-    presets = ["tiny"] if args.quick else ["tiny", "small"] + (["droid"] if device.type == "cuda" else [])
+    presets = args.presets or (["tiny"] if args.quick else ["tiny", "small"] + (["droid"] if device.type == "cuda" else []))
     # batch sizes: tiny as the demo trains it; larger presets smaller on CPU so the bench ends in minutes
     training_batch = dict(tiny=16, small=8 if device.type == "cuda" else 2, droid=8)
     frames = 8
@@ -584,10 +594,12 @@ def main(argv=None):
     training_precision = device_precision(device)
     rates = {name: [matmul_rate(device, matmul_n, repeats, dtype)] for name, dtype in DTYPES.items()}
 
-    report = dict(date=time.strftime("%Y-%m-%d"), quick=args.quick, repeats=repeats, measured=[], machine=dict(
-        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-        threads=torch.get_num_threads(), torch=torch.__version__, python=platform.python_version(),
-        matmul_n=matmul_n, matmul_dtype=training_precision))
+    machine = dict(device_name=torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+                   threads=torch.get_num_threads(), torch=torch.__version__, python=platform.python_version(),
+                   matmul_n=matmul_n, matmul_dtype=training_precision)
+    report = dict(date=time.strftime("%Y-%m-%d"), quick=args.quick, repeats=repeats, machine=machine, measured=[],
+                  only=[name for name in FIGURES if name in args.only] if args.only else None)
     # On CPU the larger presets are timed once (after one warm-up): a figure of theirs takes minutes.
     # A CEM step at DINO-WM's size imagines 300 x 5 frames 10 times: on CPU the tiny preset once, and the
     # small preset (its time / bound ratio) at 64 samples x 1 iteration.
@@ -598,8 +610,8 @@ def main(argv=None):
     elif device.type != "cuda":
         plan_sizes["small"] = dict(samples=64, iterations=1)
     # training: each preset in the device's precision; on CPU the tiny preset in bf16 autocast too
-    trained = [(p, training_precision) for p in presets] + ([("tiny", "bf16")] if device.type != "cuda" else [])
-    # measured in this order, the costliest figure (CEM) last: a run cut short keeps the others
+    trained = [(p, training_precision) for p in presets] + (
+        [("tiny", "bf16")] if device.type != "cuda" and "tiny" in presets else [])
     steps = [("training", lambda: [bench_training(p, training_batch[p], frames, device, runs[p],
                                                   lambda: rates[precision].append(
                                                       matmul_rate(device, matmul_n, repeats, DTYPES[precision])),
@@ -614,6 +626,8 @@ def main(argv=None):
              ("encoding", lambda: bench_encoding(work, device, quick=args.quick)),
              ("cem", lambda: [e for p in presets for e in bench_cem(
                  p, device, runs[p] if args.quick or device.type == "cuda" else 1, **plan_sizes[p])])]
+    assert [name for name, _ in steps] == FIGURES  # the costliest figure (CEM) last: a run cut short keeps the others
+    steps = [(name, run) for name, run in steps if not args.only or name in args.only]
     with tempfile.TemporaryDirectory(prefix="bench_") as work:
         for name, run in steps:
             start = time.perf_counter()

@@ -1956,6 +1956,19 @@ def test_bench_quick_measures_every_figure(tmp_path):
         bench.main(["--quick", "--repeats", "0"])
 
 
+def test_bench_only_some_figures_and_presets(tmp_path):
+    """--only measures the figures asked for, in bench.py's order, and the report says so."""
+    assert bench.main(["--quick", "--repeats", "1", "--only", "sampling", "attention", "--presets", "tiny",
+                       "--out", str(tmp_path / "B.md")]) == 0
+    report = json.load(open(tmp_path / "B.json"))
+    assert report["measured"] == ["attention", "sampling"] and report["complete"]
+    assert {entry["preset"] for entry in report["sampling"]} == {"tiny"}
+    text = open(tmp_path / "B.md").read()
+    assert "Only the figures asked for (`--only`): attention, sampling." in text and "Training step" not in text
+    with pytest.raises(SystemExit):
+        bench.main(["--only", "planning"])  # not a figure: argparse names the choices
+
+
 def test_bench_report_of_a_run_cut_short(tmp_path):
     """After each figure bench.py writes what it has: a run stopped later keeps its figures, says so,
     and its MFU is computed against the best matmul rate seen so far."""

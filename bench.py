@@ -3,7 +3,7 @@
     python bench.py                   # tiny and small presets (and droid on a GPU), minutes on 2 CPU cores
     python bench.py --quick           # tiny preset, small sizes: ~2 minutes on 2 CPU cores (the test runs it)
     python bench.py --device cuda     # on a GPU, to BENCHMARKS_CUDA.md: bf16 autocast, flex attention, droid preset
-    python bench.py --device cuda --only cem --presets droid --out cem.md   # one figure, one preset
+    python bench.py --device cuda --only cem --presets droid   # one figure, one preset: BENCHMARKS_CUDA_PARTIAL.md
 
 Every figure is the median of `repeats` timed runs after warm-up runs, and every fast path is timed
 against its slow alternative in the same run, so the ratio holds even on a busy machine where the
@@ -553,7 +553,8 @@ def build_argument_parser():
     parser.add_argument("--quick", action="store_true", help="tiny preset and small sizes only (~2 minutes on 2 CPU cores)")
     parser.add_argument("--out", help="Markdown report, the JSON beside it (written after each figure, so a run cut "
                                       "short keeps what it measured); if not given, BENCHMARKS.md (--peer: BENCHMARKS_PEER.md; "
-                                      "--device cuda: BENCHMARKS_CUDA.md, BENCHMARKS_PEER_CUDA.md)")
+                                      "--device cuda: BENCHMARKS_CUDA.md, BENCHMARKS_PEER_CUDA.md; with --only or "
+                                      "--presets: BENCHMARKS_PARTIAL.md, BENCHMARKS_CUDA_PARTIAL.md)")
     parser.add_argument("--peer", action="store_true", help="only our training step side by side with the peer "
                                                              "implementation's (peer.py; needs dreamer4 installed)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -581,7 +582,8 @@ def main(argv=None):
     device = torch.device(args.device)
     if args.peer:
         return peer_report(args, device)
-    args.out = args.out or ("BENCHMARKS_CUDA.md" if device.type == "cuda" else "BENCHMARKS.md")
+    partial = "_PARTIAL" if args.only or args.presets else ""  # a subset never replaces the full report
+    args.out = args.out or f"BENCHMARKS{'_CUDA' if device.type == 'cuda' else ''}{partial}.md"
     repeats = args.repeats or (2 if args.quick else 5)
     presets = args.presets or (["tiny"] if args.quick else ["tiny", "small"] + (["droid"] if device.type == "cuda" else []))
     # batch sizes: tiny as the demo trains it; larger presets smaller on CPU so the bench ends in minutes

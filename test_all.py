@@ -1956,7 +1956,7 @@ def test_bench_quick_measures_every_figure(tmp_path):
         bench.main(["--quick", "--repeats", "0"])
 
 
-def test_bench_only_some_figures_and_presets(tmp_path):
+def test_bench_only_some_figures_and_presets(tmp_path, monkeypatch):
     """--only measures the figures asked for, in bench.py's order, and the report says so."""
     assert bench.main(["--quick", "--repeats", "1", "--only", "sampling", "attention", "--presets", "tiny",
                        "--out", str(tmp_path / "B.md")]) == 0
@@ -1967,6 +1967,9 @@ def test_bench_only_some_figures_and_presets(tmp_path):
     assert "Only the figures asked for (`--only`): attention, sampling." in text and "Training step" not in text
     with pytest.raises(SystemExit):
         bench.main(["--only", "planning"])  # not a figure: argparse names the choices
+    monkeypatch.chdir(tmp_path)  # without --out a subset goes to its own file, never over the full report
+    assert bench.main(["--quick", "--repeats", "1", "--only", "attention"]) == 0
+    assert os.path.exists("BENCHMARKS_PARTIAL.md") and not os.path.exists("BENCHMARKS.md")
 
 
 def test_bench_report_of_a_run_cut_short(tmp_path):

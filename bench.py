@@ -39,8 +39,10 @@ absolute numbers drift. What is measured, and the slow alternative each is compa
    and scaled to 300: the loop's cost is linear in the candidates); at K = 4 and K = 1 in the
    precision plan.py plans in on the device (fp32 on CPU, bf16 autocast on a GPU), on CPU also at
    K = 1 in bf16, timed in turn. Each plan against its FLOP bound: its FLOPs, counted like the
-   training step's, over the measured matmul rate of its precision. On CPU the small preset plans 64 samples × 1 iteration (the full size would
-   take tens of minutes there): enough for its time / bound ratio.
+   training step's, over the measured matmul rate of its precision. On CPU the small preset plans
+   64 samples × 1 iteration (the full size would take tens of minutes there): enough for its
+   time / bound ratio. Measured last, after 6: it is the costliest figure, and a run cut short
+   keeps every figure before it (the report is written after each; --only picks figures).
 6. Data: clips/s from a LeRobot dataset (the toy's PNG frames) + DINOv2 on the fly, against reading the feature
    cache that `python encoder.py` writes; for the toy tiny DINOv2 and for a DINOv2-S-sized encoder
    (random weights: same FLOPs as the real one, no download) at 224 px. And writing that cache from

@@ -210,7 +210,8 @@ def compiled(function):
 
 
 # flex_attention's GPU kernel puts the batch (here: rows) on a grid dimension that CUDA caps at
-# 65 535; a time layer has B·S rows (a droid-sized CEM iteration: 300 candidates x 256 tokens = 76 800).
+# 65 535; a time layer has B·S rows (a droid-sized CEM iteration: 300 candidates x 266 tokens per
+# frame = 79 800, which failed to launch on an H200).
 FLEX_MAX_ROWS = 65535
 
 

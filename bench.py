@@ -39,8 +39,8 @@ absolute numbers drift. What is measured, and the slow alternative each is compa
    and scaled to 300: the loop's cost is linear in the candidates); at K = 4 and K = 1 in the
    precision plan.py plans in on the device (fp32 on CPU, bf16 autocast on a GPU), on CPU also at
    K = 1 in bf16, timed in turn. Each plan against its FLOP bound: its FLOPs, counted like the
-   training step's, over the measured matmul rate of its precision. On CPU the small preset plans
-   64 samples × 1 iteration (the full size would take tens of minutes there): enough for its
+   training step's, over the measured matmul rate of its precision. On CPU the larger presets plan
+   64 samples × 1 iteration (the full size would take tens of minutes there): enough for their
    time / bound ratio. Measured last, after 6: it is the costliest figure, and a run cut short
    keeps every figure before it (the report is written after each; --only picks figures).
 6. Data: clips/s from a LeRobot dataset (the toy's PNG frames) + DINOv2 on the fly, against reading the feature
@@ -606,13 +606,11 @@ def main(argv=None):
                   only=[name for name in FIGURES if name in args.only] if args.only else None)
     # On CPU the larger presets are timed once (after one warm-up): a figure of theirs takes minutes.
     # A CEM step at DINO-WM's size imagines 300 x 5 frames 10 times: on CPU the tiny preset once, and the
-    # small preset (its time / bound ratio) at 64 samples x 1 iteration.
+    # larger presets (their time / bound ratio) at 64 samples x 1 iteration; --quick: 30 x 1 for every preset.
     runs = {p: repeats if p == "tiny" or device.type == "cuda" else 1 for p in presets}
-    plan_sizes = {p: dict(samples=300, iterations=10) for p in presets}
-    if args.quick:
-        plan_sizes["tiny"] = dict(samples=30, iterations=1)
-    elif device.type != "cuda":
-        plan_sizes["small"] = dict(samples=64, iterations=1)
+    plan_sizes = {p: dict(samples=30, iterations=1) if args.quick
+                  else dict(samples=64, iterations=1) if device.type != "cuda" and p != "tiny"
+                  else dict(samples=300, iterations=10) for p in presets}
     # training: each preset in the device's precision; on CPU the tiny preset in bf16 autocast too
     trained = [(p, training_precision) for p in presets] + (
         [("tiny", "bf16")] if device.type != "cuda" and "tiny" in presets else [])

@@ -70,7 +70,7 @@ import data
 import encoder as encoder_module
 import peer as peer_module
 import sim
-from dynamics import Attention, DynamicsConfig, DynamicsModel, attend
+from dynamics import PRESETS, Attention, DynamicsConfig, DynamicsModel, attend
 from cem import CEMPlanner, LearnedModel
 from shortcut import rollout, shortcut_forcing_loss
 from timing import matmul_rate, measure, measure_interleaved
@@ -565,7 +565,7 @@ def build_argument_parser():
     parser.add_argument("--threads", type=int, help="torch CPU threads; if not given, torch's choice")
     parser.add_argument("--only", nargs="+", choices=FIGURES, metavar="FIGURE",
                         help=f"measure only these figures (in this order: {' '.join(FIGURES)}); if not given, all")
-    parser.add_argument("--presets", nargs="+", choices=["tiny", "small", "droid"], metavar="PRESET",
+    parser.add_argument("--presets", nargs="+", choices=sorted(PRESETS), metavar="PRESET",
                         help="model presets of the model figures (tiny, small, droid); if not given, tiny and small "
                              "(and droid on a GPU; --quick: tiny)")
     parser.add_argument("--compile", action="store_true", help="also time flex_attention / compiled attention on CPU "

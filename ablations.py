@@ -29,6 +29,7 @@ import sim
 import train as train_module
 from cem import PLANNER_SIZES
 from checkpoint import CheckpointError, load_safely, writable_folder
+from shortcut import STEP_INPUTS
 
 
 class Variant(NamedTuple):
@@ -92,11 +93,13 @@ def ablation_arguments(name, steps, seed, out, extra=(), toy_datasets=None):
 
 
 def run_ablations(out, steps, pairs, clips, seed=0, planner_options=None, names=None, toy_datasets=None,
-                  train_arguments=(), context=2, horizon=8, closed_loop=True, task="pose", planner_size="toy"):
+                  train_arguments=(), context=2, horizon=8, closed_loop=True, task="pose", planner_size="toy",
+                  step_input="d_min"):
     """Train every variant (or `names`), evaluate each on the same held-out clips and start/goal pairs,
     with errors measured in the recipe's per-channel token normalisation (variants with another
     encoder in their own: their MSE columns are starred), and write ablations.json/.md and a plot.
-    toy_datasets, train_arguments: other datasets (see ablation_arguments) and extra train.py flags."""
+    toy_datasets, train_arguments: other datasets (see ablation_arguments) and extra train.py flags.
+    step_input: the step size the evaluation's rollouts tell the model (eval.py)."""
     results = {}
     reference = None  # the recipe's token statistics: one scale for every variant
     for name in names or ABLATIONS:
@@ -112,7 +115,8 @@ def run_ablations(out, steps, pairs, clips, seed=0, planner_options=None, names=
         results[name] = eval_module.evaluate(os.path.join(run_dir, "checkpoint.pt"), run_dir, context=context, horizon=horizon,
                                              clips=clips, pairs=pairs, K=4, closed_loop=closed_loop,
                                              planner_options=planner_options, seed=seed, quiet=True, task=task,
-                                             planner_size=planner_size, score_stats=None if own_scale else reference)
+                                             planner_size=planner_size, score_stats=None if own_scale else reference,
+                                             step_input=step_input)
         results[name]["own_scale"] = own_scale or reference is None
     results = {**earlier_results(out, results), **results}
     results = {name: results[name] for name in ABLATIONS if name in results}  # the table's order
@@ -128,11 +132,12 @@ def run_ablations(out, steps, pairs, clips, seed=0, planner_options=None, names=
 
 def earlier_results(out, results):
     """The other variants' results from an earlier ablations.json in `out`, where they were made
-    with the same settings as `results` (steps, horizon, K, closed loop): rerunning some variants
-    (--only) then updates the table instead of replacing it."""
+    with the same settings as `results` (steps, horizon, K, step input, closed loop): rerunning some
+    variants (--only) then updates the table instead of replacing it. (Reports without a step input
+    were made before it was recorded, with the model told the step it takes.)"""
     def settings(report):
         loop = report.get("closed_loop") or {}
-        return (report["step"], report["context"], report["horizon"], report["K"],
+        return (report["step"], report["context"], report["horizon"], report["K"], report.get("step_input", "step"),
                 loop.get("task"), loop.get("size"), loop.get("pairs"))
 
     path = os.path.join(out, "ablations.json")
@@ -208,6 +213,8 @@ def main(argv=None):
     parser.add_argument("--task", choices=sorted(sim.TASKS), default="pose", help="closed-loop task (sim.py)")
     parser.add_argument("--planner", choices=sorted(PLANNER_SIZES), default="toy",
                         help="closed-loop planner size (cem.PLANNER_SIZES)")
+    parser.add_argument("--step-input", choices=STEP_INPUTS, default="d_min",
+                        help="step size the evaluation's rollouts tell the model (eval.py; step: as before 2026-11-27)")
     parser.add_argument("--seed", type=int, default=1, help="training, clips and start/goal pairs")
     args = parser.parse_args(argv)
     if min(args.steps, args.clips, args.pairs) < 1:
@@ -215,7 +222,8 @@ def main(argv=None):
     writable_folder(args.out)
     try:
         run_ablations(args.out, args.steps, args.pairs, args.clips, args.seed, names=args.only,
-                      closed_loop=not args.no_closed_loop, task=args.task, planner_size=args.planner)
+                      closed_loop=not args.no_closed_loop, task=args.task, planner_size=args.planner,
+                      step_input=args.step_input)
     except (CheckpointError, data.DatasetError) as error:
         raise SystemExit(f"error: {error}")
     return 0

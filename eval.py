@@ -30,6 +30,10 @@ translations; this shows which dimensions it has learned.
 Sampling steps. Error and wall time per frame for K ∈ {1, 2, 4, ..., K_max} shortcut steps.
 Shortcut forcing's promise is that K = 4 is about as good as K = K_max.
 
+Every rollout here tells the model the step size of `--step-input` (shortcut.py section 6):
+d_min by default, as the planner does (K = 1 then imagines the mean next frame); "step" tells
+it 1/K, the shortcut's own sampling, as every result before 2026-11-27 was measured.
+
 Closed loop. CEM MPC in the toy world (sim.py) on random start/goal pairs (default 50, the pose
 task, the toy planner at K = 1), against random actions on the same pairs: success rate, final
 pose error, steps (closed_loop_report: cem.py's planner in sim.py's benchmark).
@@ -53,7 +57,7 @@ import sim
 from cem import PLANNER_SIZES, CEMPlanner, LearnedModel, MPCPolicy, RandomPolicy, SimOracle
 from checkpoint import TOY_RUN_DIR, CheckpointError, load_world_model, writable_folder
 from decode import load_decoder, save_gif, save_image_strip
-from shortcut import rollout
+from shortcut import STEP_INPUTS, rollout
 
 # ----------------------------------------------------------------------------------------------
 # Held-out clips, as normalised tokens and actions.
@@ -106,8 +110,9 @@ def per_step_errors(predicted, truth):
 def open_loop_rollout(model, tokens, actions, context, K, action_source="true", settings=None, seed=0):
     """Roll out frames context.. of every clip from its first `context` frames. action_source:
     "true", "shuffled" (each clip gets the previous clip's actions) or "none" (the no-action embedding).
-    settings: the checkpoint's pred, mode and context_noise (training arguments)."""
-    settings = settings or {}
+    settings: the checkpoint's pred, mode and context_noise (training arguments), and the sampler's
+    step_input (shortcut.sample_next)."""
+    settings = {"step_input": "d_min", **(settings or {})}
     horizon_actions = actions[:, context:]
     mask = torch.ones(len(tokens), dtype=torch.bool)
     if action_source == "shuffled":
@@ -119,7 +124,8 @@ def open_loop_rollout(model, tokens, actions, context, K, action_source="true", 
     return rollout(model, tokens[:, :context], horizon_actions, K=K, context_actions=actions[:, :context],
                    context_mask=torch.ones(len(tokens), dtype=torch.bool), action_mask=mask,
                    pred=settings.get("pred", "x"), mode=settings.get("mode", "shortcut"),
-                   context_noise=settings.get("context_noise", 0.9), generator=generator)
+                   context_noise=settings.get("context_noise", 0.9), generator=generator,
+                   step_input=settings["step_input"])
 
 
 ACTION_NAMES = ("dx", "dy", "dz", "rx", "ry", "rz", "dgripper")
@@ -186,7 +192,7 @@ def closed_loop_report(learned, pairs=50, seed=0, max_steps=sim.MAX_STEPS, size=
     start = time.perf_counter()
     report = dict(task=task, size=size, pairs=pairs, max_steps=max_steps, tolerance=sim.TOLERANCE,
                   path_steps=sim.PATH_STEPS, oracle=oracle, K=learned.K, precision=learned.precision,
-                  planner_options=options,
+                  step_input=learned.step_input, planner_options=options,
                   planner=sim.evaluate_closed_loop(MPCPolicy(planner), pair_list, max_steps, progress=progress))
     report["seconds"] = time.perf_counter() - start
     report["random"] = sim.evaluate_closed_loop(RandomPolicy(planner), pair_list, max_steps)
@@ -199,14 +205,16 @@ def closed_loop_report(learned, pairs=50, seed=0, max_steps=sim.MAX_STEPS, size=
 
 def evaluate(checkpoint_path, out, dataset=None, decoder_path=None, context=2, horizon=8, clips=32, pairs=50,
              K=4, closed_loop=True, planner_options=None, seed=0, quiet=False, task="pose", planner_size="toy",
-             score_stats=None, response_contexts=32, precision="fp32"):
+             score_stats=None, response_contexts=32, precision="fp32", step_input="d_min"):
     """Every metric of one checkpoint, written to <out>/report.json (and plots). score_stats: the token
     statistics errors are measured in, per channel (default the checkpoint's own; a whitening is
     dropped, so whitened and plain models are scored alike); give several checkpoints the same ones
-    to compare them on one scale. precision: of the planner's and the response's rollouts."""
+    to compare them on one scale. precision: of the planner's and the response's rollouts. step_input:
+    the step size every rollout tells the model (shortcut.sample_next)."""
     model, checkpoint = load_world_model(checkpoint_path)
     settings = {key: checkpoint["train_args"].get(key, default)
                 for key, default in (("pred", "x"), ("mode", "shortcut"), ("context_noise", 0.9))}
+    settings["step_input"] = step_input
     token_stats = encoder_module.TokenStats(**checkpoint["token_stats"])
     score_stats = (score_stats or token_stats).channelwise()
     frozen_encoder = encoder_module.Encoder(checkpoint["encoder"]["name_or_path"], pool=checkpoint["encoder"]["pool"])
@@ -243,7 +251,7 @@ def evaluate(checkpoint_path, out, dataset=None, decoder_path=None, context=2, h
                                              ms_per_frame=1000 * seconds))
 
     if checkpoint["toy"]:
-        learned = LearnedModel.from_checkpoint(model, checkpoint, frozen_encoder, K, precision)
+        learned = LearnedModel.from_checkpoint(model, checkpoint, frozen_encoder, K, precision, step_input)
         report["action_response"] = action_response(learned, response_contexts, seed=seed)
         if closed_loop:
             report["closed_loop"] = closed_loop_report(learned, pairs=pairs, seed=seed, task=task, size=planner_size,
@@ -263,7 +271,8 @@ def evaluate(checkpoint_path, out, dataset=None, decoder_path=None, context=2, h
 
 def summary_table(report):
     horizon = report["horizon"]
-    rows = [f"open loop, {report['clips']} held-out clips, {report['context']} context frames, K = {report['K']}",
+    rows = [f"open loop, {report['clips']} held-out clips, {report['context']} context frames, K = {report['K']}, "
+            f"step input {report['step_input']}",
             f"{'':22s}" + "".join(f"h={h + 1:<7d}" for h in range(horizon))]
     for name in ("copy_last", "actions_true", "actions_shuffled", "actions_none"):
         rows.append(f"{name + ' MSE':22s}" + "".join(f"{value:<9.4f}" for value in report[name]["mse"]))
@@ -362,6 +371,9 @@ def main(argv=None):
                         help="closed-loop planner size (cem.PLANNER_SIZES)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                         help="precision of the closed-loop planner's and the action response's rollouts")
+    parser.add_argument("--step-input", choices=STEP_INPUTS, default="d_min",
+                        help="step size every rollout tells the model: 1/K (step) or the finest (d_min; shortcut.py "
+                             "section 6)")
     parser.add_argument("--seed", type=int, default=1,
                         help="clips, response situations and start/goal pairs (the tests use seed 0)")
     args = parser.parse_args(argv)
@@ -372,7 +384,7 @@ def main(argv=None):
         evaluate(args.checkpoint, out,
                  args.dataset, args.decoder, args.context, args.horizon, args.clips, args.pairs, args.K,
                  closed_loop=not args.no_closed_loop, seed=args.seed, task=args.task, planner_size=args.planner,
-                 precision=args.precision)
+                 precision=args.precision, step_input=args.step_input)
     except (CheckpointError, data.DatasetError) as error:
         raise SystemExit(f"error: {error}")
     return 0

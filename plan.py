@@ -29,6 +29,7 @@ import sim
 from cem import PLANNER_SIZES, CEMPlanner, LearnedModel, MPCPolicy, PlanningError
 from checkpoint import TOY_RUN_DIR, CheckpointError, writable_folder
 from decode import TOY_DECODER_DIR, load_decoder, save_image_strip
+from shortcut import STEP_INPUTS
 
 DEFAULT_CHECKPOINT = os.path.join(TOY_RUN_DIR, "checkpoint.pt")
 
@@ -86,6 +87,9 @@ def build_argument_parser():
     group.add_argument("--max-rotation", type=float, help="bound on the rotation-vector norm, radians")
     group.add_argument("--max-gripper", type=float, help="bound on |dgripper| per action")
     group.add_argument("--K", type=int, help="shortcut denoising steps per imagined frame")
+    group.add_argument("--step-input", choices=STEP_INPUTS, default="d_min",
+                       help="step size each denoising step tells the model: 1/K (step) or the finest (d_min; "
+                            "shortcut.py section 6)")
     group.add_argument("--seed", type=int, default=0)
     group = parser.add_argument_group("toy-world loop (no --obs)")
     group.add_argument("--replan-every", type=int, default=1, help="actions executed before re-planning")
@@ -145,6 +149,7 @@ def plan_from_files(args, learned, goal_image):
     report = dict(goal=args.goal, obs=args.obs, checkpoint=args.checkpoint, actions=result["actions"].tolist(),
                   actions_normalised=result["normalised"].tolist(), predicted_cost=result["cost"],
                   iteration_costs=result["iteration_costs"], seconds=seconds, precision=learned.precision,
+                  step_input=learned.step_input,
                   units="dx dy dz [m], rotation vector [rad] (R_new = dR R, base frame), dgripper")
     if args.save:
         decoder = load_decoder_for(args, learned)
@@ -185,6 +190,7 @@ def toy_loop(args, learned, goal_image):
     report = {key: value for key, value in outcome.items() if key != "frames"}
     report.update(final_pose=outcome["final_pose"].tolist(), start=start.tolist(), goal=goal_pose.tolist(),
                   tolerance=sim.TOLERANCE, seconds_per_mpc_step=seconds_per_plan, precision=learned.precision,
+                  step_input=learned.step_input,
                   actions=np.asarray(policy.actions).tolist(), predicted_costs=[p["cost"] for p in policy.plans])
     if args.save:
         decoder = load_decoder_for(args, learned)
@@ -223,7 +229,7 @@ def main(argv=None):
                          f"exists: {DEFAULT_CHECKPOINT} is missing (python train.py makes it)")
     try:
         precision = args.precision if args.precision != "auto" else "bf16" if args.device.startswith("cuda") else "fp32"
-        learned = LearnedModel.load(args.checkpoint, args.device, precision=precision)
+        learned = LearnedModel.load(args.checkpoint, args.device, precision=precision, step_input=args.step_input)
     except CheckpointError as error:
         raise SystemExit(f"error: {error}")
     size_options, size_K = PLANNER_SIZES[args.planner or ("toy" if learned.toy else "dino-wm")]

@@ -950,11 +950,30 @@ def test_shortcut_sampler_steps():
         direct = model(torch.randn(2, 1, 4, 8, generator=torch.Generator().manual_seed(0)), torch.zeros(2, 1),
                        torch.ones(2, 1), action, torch.ones(2, dtype=torch.bool))[:, 0]
     torch.testing.assert_close(sample, direct)
-    recorder = ConstantDataModel(torch.zeros(1, 4, 8), k_max=8)
-    shortcut.sample_next(recorder, None, action, K=2, mode="diffusion")
-    assert all((d == 1 / 8).all() for _, d in recorder.calls)
+    # step_input="d_min": the same step, the model told the finest step size, as diffusion forcing is
+    finest = shortcut.sample_next(model, None, action, K=1, generator=torch.Generator().manual_seed(0),
+                                  step_input="d_min")
+    with torch.no_grad():
+        direct = model(torch.randn(2, 1, 4, 8, generator=torch.Generator().manual_seed(0)), torch.zeros(2, 1),
+                       torch.full((2, 1), 1 / model.config.k_max), action, torch.ones(2, dtype=torch.bool))[:, 0]
+    torch.testing.assert_close(finest, direct)
+    assert (finest - sample).abs().max() > 1e-4  # the step size input matters
+    for options in (dict(mode="diffusion"), dict(step_input="d_min")):
+        recorder = ConstantDataModel(torch.zeros(1, 4, 8), k_max=8)
+        shortcut.sample_next(recorder, None, action, K=2, **options)
+        assert all((d == 1 / 8).all() for _, d in recorder.calls)
+    x, _, _, actions, _ = dynamics_inputs(model.config, batch=2, frames=4)
+    imagined = {name: shortcut.rollout(model, x[:, :2], actions[:, 2:], K=2, generator=torch.Generator().manual_seed(0),
+                                       **options) for name, options in
+                (("d_min", dict(step_input="d_min")), ("diffusion", dict(mode="diffusion")), ("step", {}))}
+    torch.testing.assert_close(imagined["d_min"], imagined["diffusion"])
+    assert (imagined["d_min"] - imagined["step"]).abs().max() > 1e-4
     with pytest.raises(ValueError, match="power of two"):
         shortcut.sample_next(model, None, action, K=3)
+    with pytest.raises(ValueError, match="step_input"):
+        shortcut.sample_next(model, None, action, K=1, step_input="half")
+    with pytest.raises(ValueError, match="step_input"):
+        cem.LearnedModel(model, None, None, None, step_input="half")
 
 
 @pytest.mark.parametrize("pred,mode", [("x", "shortcut"), ("v", "diffusion")])
@@ -1450,13 +1469,14 @@ def test_plan_cli_one_plan_from_files_and_toy_loop(toy_train_run, tmp_path, caps
     assert np.array(plan["actions"]).shape == (2, 7) and np.isfinite(plan["predicted_cost"])
     assert np.linalg.norm(np.array(plan["actions"])[:, :3], axis=1).max() <= 0.05 + 1e-6
     assert os.path.isfile(tmp_path / "plan.png")
-    assert plan["precision"] == "fp32"  # auto on CPU
+    assert plan["precision"] == "fp32" and plan["step_input"] == "d_min"  # the defaults on CPU
     assert plan_module.main(["--goal", goal, "--max-steps", "2", "--out", str(tmp_path / "loop.json"),
-                             "--save", str(tmp_path / "loop.png"), "--precision", "bf16", *small]) == 0
+                             "--save", str(tmp_path / "loop.png"), "--precision", "bf16", "--step-input", "step",
+                             *small]) == 0
     assert "the goal in" in capsys.readouterr().out
     loop = json.load(open(tmp_path / "loop.json"))
     assert loop["steps"] <= 2 and len(loop["actions"]) == loop["steps"] and loop["seconds_per_mpc_step"] > 0
-    assert loop["precision"] == "bf16" and np.all(np.isfinite(loop["predicted_costs"]))
+    assert loop["precision"] == "bf16" and loop["step_input"] == "step" and np.all(np.isfinite(loop["predicted_costs"]))
     assert os.path.isfile(tmp_path / "loop.png")
 
 
@@ -1837,7 +1857,8 @@ def test_eval_error_measures():
 def test_eval_report_of_a_checkpoint(toy_train_run, tmp_path):
     _, run = toy_train_run
     report = eval_module.evaluate(str(run / "checkpoint.pt"), str(tmp_path / "eval"), context=1, horizon=3, clips=4,
-                                  pairs=2, K=2, planner_options=SMALL_PLANNER, quiet=True)
+                                  pairs=2, K=2, planner_options=SMALL_PLANNER, quiet=True, step_input="step")
+    assert report["step_input"] == report["closed_loop"]["step_input"] == "step"
     for name in ("copy_last", "actions_true", "actions_shuffled", "actions_none"):
         assert len(report[name]["mse"]) == 3 and all(np.isfinite(report[name]["mse"]))
     assert [entry["K"] for entry in report["sampling_steps"]] == [1, 2, 4, 8]

@@ -27,7 +27,7 @@ import encoder as encoder_module
 import eval as eval_module
 import sim
 import train as train_module
-from cem import PLANNER_SIZES
+from cem import PLANNER_SIZES, PLANNING_STEP_INPUT
 from checkpoint import CheckpointError, load_safely, writable_folder
 from shortcut import STEP_INPUTS
 
@@ -94,7 +94,7 @@ def ablation_arguments(name, steps, seed, out, extra=(), toy_datasets=None):
 
 def run_ablations(out, steps, pairs, clips, seed=0, planner_options=None, names=None, toy_datasets=None,
                   train_arguments=(), context=2, horizon=8, closed_loop=True, task="pose", planner_size="toy",
-                  step_input="d_min"):
+                  step_input=PLANNING_STEP_INPUT):
     """Train every variant (or `names`), evaluate each on the same held-out clips and start/goal pairs,
     with errors measured in the recipe's per-channel token normalisation (variants with another
     encoder in their own: their MSE columns are starred), and write ablations.json/.md and a plot.
@@ -213,7 +213,7 @@ def main(argv=None):
     parser.add_argument("--task", choices=sorted(sim.TASKS), default="pose", help="closed-loop task (sim.py)")
     parser.add_argument("--planner", choices=sorted(PLANNER_SIZES), default="toy",
                         help="closed-loop planner size (cem.PLANNER_SIZES)")
-    parser.add_argument("--step-input", choices=STEP_INPUTS, default="d_min",
+    parser.add_argument("--step-input", choices=STEP_INPUTS, default=PLANNING_STEP_INPUT,
                         help="step size the evaluation's rollouts tell the model (eval.py; step: as before 2026-11-27)")
     parser.add_argument("--seed", type=int, default=1, help="training, clips and start/goal pairs")
     args = parser.parse_args(argv)

@@ -42,7 +42,7 @@ All S candidates share the same noise (common random numbers: LearnedModel.share
 samples a future, so with independent noise part of each cost difference would be sampling luck
 and the elites partly the lucky; with shared noise, candidates differ by their actions only.
 Better still, the model can be asked for no sample at all: told the finest step size d_min
-(LearnedModel.step_input = "d_min", the default; shortcut.py section 6), one pass from pure noise
+(LearnedModel.step_input = PLANNING_STEP_INPUT = "d_min", the default; shortcut.py section 6), one pass from pure noise
 gives its estimate of the mean next frame given the past and the action, which is what a squared
 distance to the goal should be measured from.
 
@@ -92,6 +92,9 @@ import sim
 from checkpoint import load_world_model
 from shortcut import STEP_INPUTS, rollout
 
+# The step size the planner tells the model: d_min, so that it imagines the mean next frame (section 2).
+PLANNING_STEP_INPUT = "d_min"
+
 
 class PlanningError(Exception):
     """A plan that cannot be trusted (non-finite costs); the CLI prints it on one line."""
@@ -113,7 +116,7 @@ class LearnedModel:
     rolls out S candidate action sequences from one context in a single batched call."""
 
     def __init__(self, model, frozen_encoder, token_stats, action_stats, K=4, pred="x", mode="shortcut",
-                 context_noise=0.9, toy=False, shared_noise=True, precision="fp32", step_input="d_min"):
+                 context_noise=0.9, toy=False, shared_noise=True, precision="fp32", step_input=PLANNING_STEP_INPUT):
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
         if step_input not in STEP_INPUTS:
@@ -125,7 +128,7 @@ class LearnedModel:
         self.step_input = step_input  # the step size told to the model: 1/K, or d_min (shortcut.sample_next)
 
     @classmethod
-    def from_checkpoint(cls, model, checkpoint, frozen_encoder, K=1, precision="fp32", step_input="d_min"):
+    def from_checkpoint(cls, model, checkpoint, frozen_encoder, K=1, precision="fp32", step_input=PLANNING_STEP_INPUT):
         """From a loaded dynamics model, its checkpoint dict and its frozen encoder."""
         args = checkpoint["train_args"]
         learned = cls(model, frozen_encoder, encoder_module.TokenStats(**checkpoint["token_stats"]),
@@ -136,7 +139,7 @@ class LearnedModel:
         return learned
 
     @classmethod
-    def load(cls, path, device="cpu", K=1, precision="fp32", step_input="d_min"):
+    def load(cls, path, device="cpu", K=1, precision="fp32", step_input=PLANNING_STEP_INPUT):
         model, checkpoint = load_world_model(path, device)
         frozen_encoder = encoder_module.Encoder(checkpoint["encoder"]["name_or_path"],
                                                 pool=checkpoint["encoder"]["pool"]).to(device)

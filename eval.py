@@ -54,7 +54,7 @@ import torch
 import data
 import encoder as encoder_module
 import sim
-from cem import PLANNER_SIZES, CEMPlanner, LearnedModel, MPCPolicy, RandomPolicy, SimOracle
+from cem import PLANNER_SIZES, PLANNING_STEP_INPUT, CEMPlanner, LearnedModel, MPCPolicy, RandomPolicy, SimOracle
 from checkpoint import TOY_RUN_DIR, CheckpointError, load_world_model, writable_folder
 from decode import load_decoder, save_gif, save_image_strip
 from shortcut import STEP_INPUTS, rollout
@@ -112,7 +112,7 @@ def open_loop_rollout(model, tokens, actions, context, K, action_source="true", 
     "true", "shuffled" (each clip gets the previous clip's actions) or "none" (the no-action embedding).
     settings: the checkpoint's pred, mode and context_noise (training arguments), and the sampler's
     step_input (shortcut.sample_next)."""
-    settings = {"step_input": "d_min", **(settings or {})}
+    settings = settings or {}
     horizon_actions = actions[:, context:]
     mask = torch.ones(len(tokens), dtype=torch.bool)
     if action_source == "shuffled":
@@ -125,7 +125,7 @@ def open_loop_rollout(model, tokens, actions, context, K, action_source="true", 
                    context_mask=torch.ones(len(tokens), dtype=torch.bool), action_mask=mask,
                    pred=settings.get("pred", "x"), mode=settings.get("mode", "shortcut"),
                    context_noise=settings.get("context_noise", 0.9), generator=generator,
-                   step_input=settings["step_input"])
+                   step_input=settings.get("step_input", PLANNING_STEP_INPUT))
 
 
 ACTION_NAMES = ("dx", "dy", "dz", "rx", "ry", "rz", "dgripper")
@@ -205,7 +205,7 @@ def closed_loop_report(learned, pairs=50, seed=0, max_steps=sim.MAX_STEPS, size=
 
 def evaluate(checkpoint_path, out, dataset=None, decoder_path=None, context=2, horizon=8, clips=32, pairs=50,
              K=4, closed_loop=True, planner_options=None, seed=0, quiet=False, task="pose", planner_size="toy",
-             score_stats=None, response_contexts=32, precision="fp32", step_input="d_min"):
+             score_stats=None, response_contexts=32, precision="fp32", step_input=PLANNING_STEP_INPUT):
     """Every metric of one checkpoint, written to <out>/report.json (and plots). score_stats: the token
     statistics errors are measured in, per channel (default the checkpoint's own; a whitening is
     dropped, so whitened and plain models are scored alike); give several checkpoints the same ones
@@ -371,7 +371,7 @@ def main(argv=None):
                         help="closed-loop planner size (cem.PLANNER_SIZES)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                         help="precision of the closed-loop planner's and the action response's rollouts")
-    parser.add_argument("--step-input", choices=STEP_INPUTS, default="d_min",
+    parser.add_argument("--step-input", choices=STEP_INPUTS, default=PLANNING_STEP_INPUT,
                         help="step size every rollout tells the model: 1/K (step) or the finest (d_min; shortcut.py "
                              "section 6)")
     parser.add_argument("--seed", type=int, default=1,

@@ -26,7 +26,7 @@ from PIL import Image, UnidentifiedImageError
 
 import data
 import sim
-from cem import PLANNER_SIZES, CEMPlanner, LearnedModel, MPCPolicy, PlanningError
+from cem import PLANNER_SIZES, PLANNING_STEP_INPUT, CEMPlanner, LearnedModel, MPCPolicy, PlanningError
 from checkpoint import TOY_RUN_DIR, CheckpointError, writable_folder
 from decode import TOY_DECODER_DIR, load_decoder, save_image_strip
 from shortcut import STEP_INPUTS
@@ -87,7 +87,7 @@ def build_argument_parser():
     group.add_argument("--max-rotation", type=float, help="bound on the rotation-vector norm, radians")
     group.add_argument("--max-gripper", type=float, help="bound on |dgripper| per action")
     group.add_argument("--K", type=int, help="shortcut denoising steps per imagined frame")
-    group.add_argument("--step-input", choices=STEP_INPUTS, default="d_min",
+    group.add_argument("--step-input", choices=STEP_INPUTS, default=PLANNING_STEP_INPUT,
                        help="step size each denoising step tells the model: 1/K (step) or the finest (d_min; "
                             "shortcut.py section 6)")
     group.add_argument("--seed", type=int, default=0)

@@ -42,9 +42,9 @@ All S candidates share the same noise (common random numbers: LearnedModel.share
 samples a future, so with independent noise part of each cost difference would be sampling luck
 and the elites partly the lucky; with shared noise, candidates differ by their actions only.
 Better still, the model can be asked for no sample at all: told the finest step size d_min
-(LearnedModel.step_input = PLANNING_STEP_INPUT = "d_min", the default; shortcut.py section 6), one pass from pure noise
-gives its estimate of the mean next frame given the past and the action, which is what a squared
-distance to the goal should be measured from.
+(LearnedModel.step_input, default PLANNING_STEP_INPUT = "d_min"; shortcut.py section 6), one pass
+from pure noise gives its estimate of the mean next frame given the past and the action, which is
+what a squared distance to the goal should be measured from.
 
 3. Action bounds
 ----------------

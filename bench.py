@@ -1,7 +1,7 @@
 """Speed and memory, measured: `python bench.py` writes BENCHMARKS.md (and BENCHMARKS.json).
 
     python bench.py                   # tiny and small presets (and droid on a GPU), minutes on 2 CPU cores
-    python bench.py --quick           # tiny preset, small sizes: ~2 minutes on 2 CPU cores (the test runs it)
+    python bench.py --quick           # tiny preset, small sizes: ~1.5 minutes on 2 CPU cores (the test runs it)
     python bench.py --device cuda     # on a GPU, to BENCHMARKS_CUDA.md: bf16 autocast, flex attention, droid preset
     python bench.py --device cuda --only cem --presets droid   # one figure, one preset: BENCHMARKS_CUDA_PARTIAL.md
 
@@ -552,7 +552,7 @@ def build_argument_parser():
     parser = argparse.ArgumentParser(description="Measure training, attention, rollout, planning and data speed and "
                                                  "memory; write BENCHMARKS.md and BENCHMARKS.json.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny preset and small sizes only (~2 minutes on 2 CPU cores)")
+    parser.add_argument("--quick", action="store_true", help="tiny preset and small sizes only (~1.5 minutes on 2 CPU cores)")
     parser.add_argument("--out", help="Markdown report, the JSON beside it (written after each figure, so a run cut "
                                       "short keeps what it measured); if not given, BENCHMARKS.md (--peer: BENCHMARKS_PEER.md; "
                                       "--device cuda: BENCHMARKS_CUDA.md, BENCHMARKS_PEER_CUDA.md; with --only or "
@@ -588,8 +588,9 @@ def main(argv=None):
     args.out = args.out or f"BENCHMARKS{'_CUDA' if device.type == 'cuda' else ''}{partial}.md"
     repeats = args.repeats or (2 if args.quick else 5)
     presets = args.presets or (["tiny"] if args.quick else ["tiny", "small"] + (["droid"] if device.type == "cuda" else []))
-    # batch sizes: tiny as the demo trains it; larger presets smaller on CPU so the bench ends in minutes
-    training_batch = dict(tiny=16, small=8 if device.type == "cuda" else 2, droid=8)
+    # batch sizes: tiny as the demo trains it (--quick: 4, as bf16 steps are slow on CPUs without bf16 matmul
+    # units); larger presets smaller on CPU so the bench ends in minutes
+    training_batch = dict(tiny=4 if args.quick else 16, small=8 if device.type == "cuda" else 2, droid=8)
     frames = 8
     backends = [("plain", 50.0), ("plain", 0.0), ("sdpa", 0.0)]
     if device.type == "cuda" or args.compile:

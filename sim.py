@@ -352,7 +352,7 @@ def write_toy_dataset(root, episodes, steps_per_episode=40, seed=0, explore=0.0,
     dataset = LeRobotDataset.create(repo_id, fps, features, root=temporary, robot_type="toy_ee", use_videos=video,
                                     vcodec=vcodec)
     rng = np.random.default_rng(seed)
-    for episode in range(episodes):
+    for _ in tqdm(range(episodes), desc=f"writing {os.path.basename(root)}", unit="episode", leave=False):
         poses = random_trajectory(rng, steps_per_episode, explore=explore)
         images = render_batch(poses)  # (steps, 64, 64, 3)
         if tuple(image_shape) != (IMAGE_SIZE, IMAGE_SIZE):
@@ -395,7 +395,7 @@ def ensure_toy_datasets(video=False, scale=1):
         if os.path.exists(root):
             print(f"{root} was written with other settings than the demo's: writing it again")
             shutil.rmtree(root)
-        print(f"writing the toy dataset {root} ({size['episodes']} episodes) with lerobot ...")
+        print(f"writing the toy dataset {root} ({spec['episodes']} episodes) with lerobot ...")
         write_toy_dataset(root, **spec)
     return tuple(roots)
 

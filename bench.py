@@ -1,7 +1,7 @@
 """Speed and memory, measured: `python bench.py` writes BENCHMARKS.md (and BENCHMARKS.json).
 
     python bench.py                   # tiny and small presets (and droid on a GPU), minutes on 2 CPU cores
-    python bench.py --quick           # tiny preset, small sizes: ~1.5 minutes on 2 CPU cores (the test runs it)
+    python bench.py --quick           # tiny preset, small sizes: under 1.5 minutes on 2 CPU cores (the test runs it)
     python bench.py --device cuda     # on a GPU, to BENCHMARKS_CUDA.md: bf16 autocast, flex attention, droid preset
     python bench.py --device cuda --only cem --presets droid   # one figure, one preset: BENCHMARKS_CUDA_PARTIAL.md
 
@@ -552,7 +552,7 @@ def build_argument_parser():
     parser = argparse.ArgumentParser(description="Measure training, attention, rollout, planning and data speed and "
                                                  "memory; write BENCHMARKS.md and BENCHMARKS.json.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny preset and small sizes only (~1.5 minutes on 2 CPU cores)")
+    parser.add_argument("--quick", action="store_true", help="tiny preset and small sizes only (under 1.5 minutes on 2 CPU cores)")
     parser.add_argument("--out", help="Markdown report, the JSON beside it (written after each figure, so a run cut "
                                       "short keeps what it measured); if not given, BENCHMARKS.md (--peer: BENCHMARKS_PEER.md; "
                                       "--device cuda: BENCHMARKS_CUDA.md, BENCHMARKS_PEER_CUDA.md; with --only or "

@@ -23,6 +23,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import types
 
@@ -1285,11 +1286,16 @@ def test_someone_elses_dataset_through_the_clis(tiny_dinov2_dir, toy_unlabeled_r
                                     vcodec="h264", image_shape=(72, 96), fps=30, cameras=("image",))
 
     def start(program, *arguments):
-        return subprocess.Popen([sys.executable, os.path.join(HERE, program), *map(str, arguments)], cwd=tmp_path,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        """A CLI started in the background, its output to files (pipes of processes waited on in turn can fill)."""
+        logs = [tempfile.TemporaryFile("w+") for _ in ("stdout", "stderr")]
+        process = subprocess.Popen([sys.executable, os.path.join(HERE, program), *map(str, arguments)], cwd=tmp_path,
+                                   stdout=logs[0], stderr=logs[1], text=True)
+        return process, logs
 
-    def finish(process):
-        stdout, stderr = process.communicate(timeout=600)
+    def finish(started):
+        process, logs = started
+        process.wait(timeout=600)
+        stdout, stderr = [(log.seek(0), log.read(), log.close())[1] for log in logs]
         assert process.returncode == 0, stderr[-2000:]
         return stdout
 

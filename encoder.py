@@ -311,6 +311,7 @@ def write_feature_cache(source, out, encoder, camera_key, batch_size=64, num_wor
     episodes = [e for e in range(metadata.total_episodes) if episode_filter is None or episode_filter(e)]
     shape = (metadata.total_frames, encoder.num_tokens, encoder.token_dim)
     with cache_lock(partial):
+        os.makedirs(partial, exist_ok=True)
         tokens_path = os.path.join(partial, "tokens.npy")
         if overwrite and os.path.isfile(tokens_path) and np.load(tokens_path, mmap_mode="r").shape != shape:
             shutil.rmtree(partial)  # an unfinished cache of another encoder: replaced, as asked
@@ -349,8 +350,11 @@ def finish_cache(partial, out, tokens, metadata, episodes, meta):
     """When every episode is done: token_stats.json (from up to 20,000 frames), meta.json, and the
     rename of `<out>.partial` to `out`. Returns `out`, or None while other shards are still running."""
     with cache_lock(partial):
-        if not os.path.isdir(partial) or not set(episodes) <= finished_episodes(partial):
-            return out if os.path.isdir(out) and not os.path.isdir(partial) else None  # done by another shard
+        if not os.path.isdir(partial):  # another shard finished the cache while this one waited for the lock
+            remove_lock(partial)
+            return out if os.path.isdir(out) else None
+        if not set(episodes) <= finished_episodes(partial):
+            return None  # other shards are still running
         rows = np.concatenate([np.arange(metadata.episodes[e]["dataset_from_index"],
                                          metadata.episodes[e]["dataset_to_index"]) for e in episodes])
         sample = np.sort(np.random.default_rng(0).permutation(rows)[:20_000])
@@ -362,7 +366,7 @@ def finish_cache(partial, out, tokens, metadata, episodes, meta):
         if os.path.isdir(out):
             shutil.rmtree(out)
         os.replace(partial, out)
-        os.remove(partial.rstrip("/") + ".lock")
+        remove_lock(partial)
     return out
 
 
@@ -378,14 +382,22 @@ def finished_episodes(partial):
 
 @contextlib.contextmanager
 def cache_lock(partial):
-    """An exclusive lock on `<out>.partial` between the processes writing one cache (POSIX flock)."""
-    os.makedirs(partial, exist_ok=True)
+    """An exclusive lock on `<out>.partial` between the processes writing one cache (POSIX flock on the
+    file `<out>.partial.lock` beside it, so that taking the lock never makes the folder again once the
+    cache is finished and renamed)."""
+    os.makedirs(os.path.dirname(os.path.abspath(partial)), exist_ok=True)
     with open(partial.rstrip("/") + ".lock", "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def remove_lock(partial):
+    """The lock file of a finished cache (held by the caller; a shard that waited may already have removed it)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(partial.rstrip("/") + ".lock")
 
 
 def ensure_feature_cache(source, out, name_or_path, pool, camera_key):

@@ -544,7 +544,7 @@ def test_encoder_cache_in_shards_resumes_after_a_crash(tiny_dinov2_dir, tmp_path
     assert os.path.isdir(tmp_path / "sharded.partial") and not os.path.exists(tmp_path / "sharded")
     assert write("sharded", shard=(0, 2))[0] == str(tmp_path / "sharded")
     assert np.array_equal(np.load(tmp_path / "sharded" / "tokens.npy"), one_shot)
-    assert not os.path.exists(tmp_path / "sharded.partial") and not os.path.exists(tmp_path / "sharded.lock")
+    assert not os.path.exists(tmp_path / "sharded.partial") and not os.path.exists(tmp_path / "sharded.partial.lock")
     live = data_module.ClipDataset(root, "unlabeled", clip_length=1, image_size=64)
     assert np.allclose(one_shot[live.absolute_index[live.starts[13]]], encoder(live[13]["frames"]).numpy(), atol=2e-2)
     calls, forward = [], encoder_module.Encoder.forward

@@ -1989,7 +1989,8 @@ def test_bench_quick_measures_every_figure(tmp_path):
     assert all(entry["seconds"] > 0 and entry["bound_seconds"] > 0 for entry in report["cem"])
     assert report["cem"][0]["flops"] > 2 * report["cem"][1]["flops"] > 0  # K = 4: 24 passes per iteration, K = 1: 9
     assert report["data"][0]["cached_clips_per_s"] > 0
-    assert min(report["encoding"][0][f"{name}_frames_per_s"] for name in ("in_order", "per_frame", "shards")) > 0
+    encoding_paths = ("in_order", "workers", "per_frame", "shards", "decode_in_order", "decode_per_frame")
+    assert min(report["encoding"][0][f"{name}_frames_per_s"] for name in encoding_paths) > 0
     with pytest.raises(SystemExit, match="repeats"):
         bench.main(["--quick", "--repeats", "0"])
 

@@ -359,7 +359,7 @@ class RandomPolicy:
 
 # Planner sizes, each with its sampling steps K (plan.py --planner, eval.py --planner).
 # "dino-wm": DINO-WM's defaults, 300 samples x horizon 5, top 30, 10 iterations, at K = 4: for a GPU
-#   (on 2 CPU cores one MPC step of the tiny model takes ~36-41 s at K = 4 in fp32, ~9 s at K = 1 in bf16:
+#   (on 2 CPU cores one MPC step of the tiny model takes ~36-41 s at K = 4 in fp32, ~9-10 s at K = 1 in bf16:
 #   BENCHMARKS.md).
 # "toy": the toy world's default, 64 x 3, top 8, 3 iterations at K = 1: small enough that the 50-pair
 #   closed-loop evaluation runs in under 8 minutes on 2 CPU cores, large enough for the simulator

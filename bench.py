@@ -46,8 +46,9 @@ absolute numbers drift. What is measured, and the slow alternative each is compa
 6. Data: clips/s from a LeRobot dataset (the toy's PNG frames) + DINOv2 on the fly, against reading the feature
    cache that `python encoder.py` writes; for the toy tiny DINOv2 and for a DINOv2-S-sized encoder
    (random weights: same FLOPs as the real one, no download) at 224 px. And writing that cache from
-   AV1 video, frames/s of one process: each episode decoded front to back in chunks (encoder.py)
-   against one seek per frame (reading the dataset item by item); and of 2 shard processes
+   AV1 video, frames/s of one process, opening the dataset included: each episode decoded front to
+   back in chunks (encoder.py; also with 2 decoding workers) against one seek per frame (reading
+   the dataset item by item), and the decoding alone both ways; and of 2 shard processes
    (--shard 0/2 and 1/2) sharing the machine, timed from when both have loaded their model.
 7. Peak memory of each (timing.py: on CPU the peak resident memory above the start, in one extra
    untimed run with malloc set up so that resident memory follows the tensors).
@@ -320,6 +321,7 @@ def bench_encoding(work, device, quick):
     timed from the dataset's folder, opening the dataset included (~0.1-0.3 s here, a large share
     of the few frames measured); decoding alone, without DINOv2, is timed both ways too."""
     root = sim.write_toy_dataset(os.path.join(work, "toy_av1"), episodes=4, steps_per_episode=40, seed=4, video=True)
+    total = data.load_metadata(root)[3].total_frames
     results = []
     for label, path, pool in bench_encoders(work, quick):
         frozen = encoder_module.Encoder(path, pool=pool).to(device)
@@ -342,7 +344,6 @@ def bench_encoding(work, device, quick):
                                                               data.CAMERA_KEY, batch_size=32, num_workers=workers,
                                                               device=device, overwrite=True)
 
-        total = data.load_metadata(root)[3].total_frames
         entry = dict(encoder=label, frames=total)
         for name, run in (("in_order", in_order(0)), ("workers", in_order(2)), ("per_frame", per_frame),
                           ("decode_in_order", decode_in_order), ("decode_per_frame", lambda: per_frame(encode=False))):

@@ -386,7 +386,7 @@ def cache_lock(partial):
     file `<out>.partial.lock` beside it, so that taking the lock never makes the folder again once the
     cache is finished and renamed)."""
     os.makedirs(os.path.dirname(os.path.abspath(partial)), exist_ok=True)
-    with open(partial.rstrip("/") + ".lock", "a") as handle:
+    with open(lock_path(partial), "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -394,10 +394,15 @@ def cache_lock(partial):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def lock_path(partial):
+    """`<out>.partial.lock`: the file cache_lock locks, beside the folder."""
+    return partial.rstrip("/") + ".lock"
+
+
 def remove_lock(partial):
     """The lock file of a finished cache (held by the caller; a shard that waited may already have removed it)."""
     with contextlib.suppress(FileNotFoundError):
-        os.remove(partial.rstrip("/") + ".lock")
+        os.remove(lock_path(partial))
 
 
 def ensure_feature_cache(source, out, name_or_path, pool, camera_key):

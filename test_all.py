@@ -1292,10 +1292,16 @@ def test_someone_elses_dataset_through_the_clis(tiny_dinov2_dir, toy_unlabeled_r
                                    stdout=logs[0], stderr=logs[1], text=True)
         return process, logs
 
+    def read_and_close(log):
+        log.seek(0)
+        text = log.read()
+        log.close()
+        return text
+
     def finish(started):
         process, logs = started
         process.wait(timeout=600)
-        stdout, stderr = [(log.seek(0), log.read(), log.close())[1] for log in logs]
+        stdout, stderr = map(read_and_close, logs)
         assert process.returncode == 0, stderr[-2000:]
         return stdout
 

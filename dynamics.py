@@ -298,8 +298,10 @@ class KVCache:
         repeated.keys, repeated.values = tiled(self.keys), tiled(self.values)
         return repeated
 
-    def extend(self, layer, k, v, append):
-        """Return [cached, new] keys and values of one layer; count the new ones as stored if `append`."""
+    def extend(self, layer, k, v):
+        """Write the new keys and values of one layer after the stored ones; return [stored, new].
+        Which of the new frames count as stored is the model's to say (DynamicsModel.forward's
+        `append`), once every layer has written them."""
         start, end = self.length, self.length + k.shape[2]
         if k.shape[0] != self.keys.shape[1]:
             raise ValueError(f"KV cache made for {self.keys.shape[1]} rows (batch x tokens per frame), got {k.shape[0]}")
@@ -307,8 +309,8 @@ class KVCache:
             raise ValueError(f"KV cache holds {self.keys.shape[3]} frames (new_cache's frames, at most "
                              f"config.max_frames); {end} asked")
         # Write the new keys and values into their slots and attend to a view of the filled part: no
-        # copy of the past. A denoising pass (append=False) writes them too but leaves `length` as it
-        # is, so its slots are overwritten by the next pass: the cache still holds only final frames.
+        # copy of the past. Frames not appended (a denoising pass's) are written too but `length` does
+        # not count them, so the next pass overwrites their slots: the cache holds only final frames.
         self.keys[layer, :, :, start:end] = k
         self.values[layer, :, :, start:end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
@@ -331,7 +333,7 @@ class Attention(nn.Module):
         self.query_norm = nn.RMSNorm(self.head_dim)  # QK-norm
         self.key_norm = nn.RMSNorm(self.head_dim)
 
-    def forward(self, x, causal=False, rope=None, cache=None, cache_layer=None, append=False):
+    def forward(self, x, causal=False, rope=None, cache=None, cache_layer=None):
         rows, length, _ = x.shape  # (rows, L, E): rows = B·T for space layers, B·S for time layers
         q = self.query(x).view(rows, length, self.heads, self.head_dim).transpose(1, 2)
         k, v = self.key_value(x).view(rows, length, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
@@ -339,7 +341,7 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
-            k, v = cache.extend(cache_layer, k, v, append)  # (rows, kv_heads, cached + L, hd)
+            k, v = cache.extend(cache_layer, k, v)  # (rows, kv_heads, cached + L, hd)
         y = attend(q, k, v, causal, self.soft_cap, self.backend)  # (rows, heads, L, hd)
         return self.out(y.transpose(1, 2).reshape(rows, length, -1))
 
@@ -376,14 +378,14 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(width)
         self.mlp = SwiGLU(width, mlp_width)
 
-    def forward(self, x, rope=None, cache=None, append=False):
+    def forward(self, x, rope=None, cache=None):
         B, T, S, E = x.shape
         h = self.attention_norm(x)
         if self.time_layer is None:  # space: the S tokens of one frame attend to each other
             h = self.attention(h.reshape(B * T, S, E)).view(B, T, S, E)
         else:  # time: one slot attends to itself in frames <= t
             h = h.transpose(1, 2).reshape(B * S, T, E)
-            h = self.attention(h, causal=True, rope=rope, cache=cache, cache_layer=self.time_layer, append=append)
+            h = self.attention(h, causal=True, rope=rope, cache=cache, cache_layer=self.time_layer)
             h = h.view(B, S, T, E).transpose(1, 2)
         x = x + h
         return x + self.mlp(self.mlp_norm(x))
@@ -469,7 +471,8 @@ class DynamicsModel(nn.Module):
     def forward(self, x_tau, tau, d, actions, action_mask, cache=None, append=True):
         """x_tau (B, T, N, D) noisy tokens; tau, d (B, T) on the grid; actions (B, T, action_dim)
         normalised; action_mask (B,) or (B, T) bool, False = unlabelled. With a cache, these T
-        frames come right after the cached ones. Returns x̂1 (B, T, N, D)."""
+        frames come right after the cached ones; append=True stores them in it (a denoising pass
+        does not). Returns x̂1 (B, T, N, D)."""
         c = self.config
         B, T, N, _ = x_tau.shape
         latents = self.token_in(x_tau)  # (B, T, N, E)
@@ -485,7 +488,7 @@ class DynamicsModel(nn.Module):
         start = 0 if cache is None else cache.length
         rope = rope_angles(torch.arange(start, start + T, device=x.device), c.width // c.heads)
         for block in self.blocks:
-            x = block(x, rope, cache, append)
+            x = block(x, rope, cache)
         if cache is not None and append:
             cache.length += T
 

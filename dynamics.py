@@ -300,7 +300,7 @@ class KVCache:
 
     def extend(self, layer, k, v):
         """Write the new keys and values of one layer after the stored ones; return [stored, new].
-        Which of the new frames count as stored is the model's to say (DynamicsModel.forward's
+        Whether the new frames then count as stored is the model's to say (DynamicsModel.forward's
         `append`), once every layer has written them."""
         start, end = self.length, self.length + k.shape[2]
         if k.shape[0] != self.keys.shape[1]:

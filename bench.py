@@ -10,7 +10,8 @@ against its slow alternative in the same run, so the ratio holds even on a busy 
 absolute numbers drift. What is measured, and the slow alternative each is compared with:
 
 1. Training step (forward + backward + AdamW) of the dynamics model on random tokens, for each
-   preset (fp32 on CPU, bf16 autocast on GPU; on CPU the tiny preset in bf16 autocast too):
+   preset (fp32 on CPU, bf16 autocast on GPU; the tiny preset also under torch.compile, as
+   `train.py --compile` trains, except with --quick; on CPU the tiny preset in bf16 autocast too):
    frames/s, tokens/s and model FLOP utilisation (MFU):
 
        MFU = (FLOPs of one step / seconds per step) / (this machine's matrix-multiply rate)
@@ -125,7 +126,9 @@ def count_flops(model, run):
     return counter.get_total_flops()
 
 
-def bench_training(preset, batch_size, frames, device, repeats, measure_matmul_rate, precision):
+def bench_training(preset, batch_size, frames, device, repeats, measure_matmul_rate, precision, compiled=False):
+    """One training step; compiled: the loss calls torch.compile(model), as `train.py --compile` does
+    (its first steps compile, in the warm-up runs; its FLOPs are counted on the eager model: the same)."""
     torch.manual_seed(0)
     config = bench_config(preset)
     model = DynamicsModel(config).to(device).train()
@@ -133,21 +136,21 @@ def bench_training(preset, batch_size, frames, device, repeats, measure_matmul_r
     z, actions, mask = random_batch(config, batch_size, frames, device)
     generator = torch.Generator(device).manual_seed(0)
 
-    def step():
+    def step(network=model):
         with autocast(device, precision):
-            loss, _ = shortcut_forcing_loss(model, z, actions, mask, generator=generator)
+            loss, _ = shortcut_forcing_loss(network, z, actions, mask, generator=generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
     step()  # allocate optimizer state before counting
     flops = count_flops(model, step)
-    timing = measure(step, device, repeats)
+    timing = measure(functools.partial(step, torch.compile(model)) if compiled else step, device, repeats)
     measure_matmul_rate()  # again, right after the step: MFU is computed at the end (module docstring, 1)
     seconds = timing["seconds"]
     tokens = batch_size * frames * config.tokens_per_frame
     return dict(preset=preset, parameters=model.num_parameters(), batch_size=batch_size, frames=frames,
-                precision=precision, seconds=seconds, frames_per_s=batch_size * frames / seconds,
+                precision=precision, compiled=compiled, seconds=seconds, frames_per_s=batch_size * frames / seconds,
                 tokens_per_s=tokens / seconds, flops_per_step=flops, flops_per_s=flops / seconds,
                 peak_bytes=timing["peak_bytes"])
 
@@ -444,10 +447,10 @@ def model_tables(report):
     lines = []
     lines += markdown_table(
         "Training step (forward + backward + AdamW)",
-        ["preset", "params", "batch × frames", "precision", "s/step", "frames/s", "tokens/s", "GFLOP/step", "MFU",
-         "peak mem"],
+        ["preset", "params", "batch × frames", "precision", "torch.compile", "s/step", "frames/s", "tokens/s",
+         "GFLOP/step", "MFU", "peak mem"],
         [[e["preset"], f"{e['parameters'] / 1e6:.2f} M", f"{e['batch_size']} × {e['frames']}", e["precision"],
-          f"{e['seconds']:.3f}", f"{e['frames_per_s']:.0f}", f"{e['tokens_per_s']:.0f}",
+          "yes" if e["compiled"] else "no", f"{e['seconds']:.3f}", f"{e['frames_per_s']:.0f}", f"{e['tokens_per_s']:.0f}",
           f"{e['flops_per_step'] / 1e9:.1f}", f"{e['mfu'] * 100:.0f} %", megabytes(e["peak_bytes"])]
          for e in report.get("training", [])])
     lines += markdown_table(
@@ -626,13 +629,15 @@ def main(argv=None):
     plan_sizes = {p: dict(samples=30, iterations=1) if args.quick
                   else dict(samples=64, iterations=1) if device.type != "cuda" and p != "tiny"
                   else dict(samples=300, iterations=10) for p in presets}
-    # training: each preset in the device's precision; on CPU the tiny preset in bf16 autocast too
-    trained = [(p, training_precision) for p in presets] + (
-        [("tiny", "bf16")] if device.type != "cuda" and "tiny" in presets else [])
+    # training: each preset in the device's precision; the tiny preset compiled too (train.py --compile; not
+    # --quick: compiling takes minutes on 2 CPU cores); on CPU the tiny preset in bf16 autocast too
+    trained = [(p, training_precision, False) for p in presets] + (
+        [("tiny", training_precision, True)] if "tiny" in presets and not args.quick else []) + (
+        [("tiny", "bf16", False)] if device.type != "cuda" and "tiny" in presets else [])
     steps = [("training", lambda: [bench_training(p, training_batch[p], frames, device, runs[p],
                                                   lambda: rates[precision].append(
                                                       matmul_rate(device, matmul_n, repeats, DTYPES[precision])),
-                                                  precision) for p, precision in trained]),
+                                                  precision, compiled) for p, precision, compiled in trained]),
              ("attention", lambda: [e for p in presets for e in bench_attention(p, training_batch[p], frames, device,
                                                                                  runs[p], backends)]),
              ("rollout", lambda: [e for p in presets for e in bench_rollout(

@@ -669,6 +669,24 @@ def test_dynamics_compiled_paths_match_reference():
     assert torch._dynamo.config.recompile_limit >= 64
 
 
+def test_compiled_training_step_matches_eager():
+    """train.py --compile (train.training_network): the compiled model's shortcut forcing loss and every
+    gradient equal the eager model's (the bootstrap's no-grad passes included)."""
+    model = seeded_model(small_dynamics_config(depth=2, soft_cap=50.0))  # one space and one time layer: compiles fastest
+    run = types.SimpleNamespace(args=types.SimpleNamespace(compile=True), model=model, config=model.config)
+    network = train_module.training_network(run, world_size=1)
+    z, actions = torch.randn(4, 3, 4, 8), torch.randn(4, 3, 7)
+    mask = torch.tensor([True, False, True, False])
+
+    def loss_and_gradients(module):
+        loss, _ = shortcut.shortcut_forcing_loss(module, z, actions, mask, generator=torch.Generator().manual_seed(1))
+        return [loss, *torch.autograd.grad(loss, list(model.parameters()))]
+
+    for compiled, eager in zip(loss_and_gradients(network), loss_and_gradients(model)):
+        torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-4)
+    assert isinstance(network, torch._dynamo.eval_frame.OptimizedModule)
+
+
 def test_dynamics_block_causal():
     """Changing frame t+1 (tokens, levels or action) never changes an output at frames <= t."""
     model = seeded_model(small_dynamics_config())
@@ -2021,7 +2039,7 @@ def test_bench_report_of_a_run_cut_short(tmp_path):
     """After each figure bench.py writes what it has: a run stopped later keeps its figures, says so,
     and its MFU is computed against the best matmul rate seen so far."""
     machine = dict(device_name="test", threads=1, torch=torch.__version__, python="3", matmul_n=8, matmul_dtype="fp32")
-    training = dict(preset="tiny", parameters=1e6, batch_size=2, frames=8, precision="fp32", seconds=0.5,
+    training = dict(preset="tiny", parameters=1e6, batch_size=2, frames=8, precision="fp32", compiled=False, seconds=0.5,
                     frames_per_s=32.0, tokens_per_s=700.0, flops_per_step=5e9, flops_per_s=1e10, peak_bytes=None)
     report = dict(date="today", quick=False, repeats=1, measured=["training"], complete=False, machine=machine,
                   training=[training])

@@ -136,16 +136,17 @@ def bench_training(preset, batch_size, frames, device, repeats, measure_matmul_r
     z, actions, mask = random_batch(config, batch_size, frames, device)
     generator = torch.Generator(device).manual_seed(0)
 
-    def step(network=model):
+    def step(network):
         with autocast(device, precision):
             loss, _ = shortcut_forcing_loss(network, z, actions, mask, generator=generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
-    step()  # allocate optimizer state before counting
-    flops = count_flops(model, step)
-    timing = measure(functools.partial(step, torch.compile(model)) if compiled else step, device, repeats)
+    step(model)  # allocate optimizer state before counting
+    flops = count_flops(model, functools.partial(step, model))
+    timed = torch.compile(model) if compiled else model
+    timing = measure(functools.partial(step, timed), device, repeats)
     measure_matmul_rate()  # again, right after the step: MFU is computed at the end (module docstring, 1)
     seconds = timing["seconds"]
     tokens = batch_size * frames * config.tokens_per_frame
@@ -450,8 +451,9 @@ def model_tables(report):
         ["preset", "params", "batch × frames", "precision", "torch.compile", "s/step", "frames/s", "tokens/s",
          "GFLOP/step", "MFU", "peak mem"],
         [[e["preset"], f"{e['parameters'] / 1e6:.2f} M", f"{e['batch_size']} × {e['frames']}", e["precision"],
-          "yes" if e["compiled"] else "no", f"{e['seconds']:.3f}", f"{e['frames_per_s']:.0f}", f"{e['tokens_per_s']:.0f}",
-          f"{e['flops_per_step'] / 1e9:.1f}", f"{e['mfu'] * 100:.0f} %", megabytes(e["peak_bytes"])]
+          "yes" if e["compiled"] else "no", f"{e['seconds']:.3f}", f"{e['frames_per_s']:.0f}",
+          f"{e['tokens_per_s']:.0f}", f"{e['flops_per_step'] / 1e9:.1f}", f"{e['mfu'] * 100:.0f} %",
+          megabytes(e["peak_bytes"])]
          for e in report.get("training", [])])
     lines += markdown_table(
         "Attention kernels (fused vs the plain reference)",

@@ -43,7 +43,8 @@ absolute numbers drift. What is measured, and the slow alternative each is compa
    training step's, over the measured matmul rate of its precision. On CPU the larger presets plan
    64 samples × 1 iteration (the full size would take tens of minutes there): enough for their
    time / bound ratio. Measured last, after 6: it is the costliest figure, and a run cut short
-   keeps every figure before it (the report is written after each; --only picks figures).
+   keeps every figure before it and each preset of it already planned (the report is written after
+   every preset of every figure; --only picks figures).
 6. Data: clips/s from a LeRobot dataset (the toy's PNG frames) + DINOv2 on the fly, against reading the feature
    cache that `python encoder.py` writes; for the toy tiny DINOv2 and for a DINOv2-S-sized encoder
    (random weights: same FLOPs as the real one, no download) at 224 px. And writing that cache from
@@ -440,8 +441,9 @@ def markdown_intro(report):
         "runs after warm-up. Peak memory on CPU: resident memory above the start, in one extra run after malloc "
         "handed back the memory it kept (n/a: under 1 MB, or not Linux)."
         + (f" Only the figures asked for (`--only`): {', '.join(report['only'])}." if report.get("only") else "")
-        + ("" if report["complete"] else f" **Cut short**: this run stopped after its {report['measured'][-1]} "
-                                          "figure."))
+        + ("" if report["complete"] else f" **Cut short**: this run stopped in its {report['running']} figure "
+                                          "(its rows shown are complete)." if report.get("running")
+           else f" **Cut short**: this run stopped after its {report['measured'][-1]} figure."))
 
 
 def model_tables(report):
@@ -571,11 +573,13 @@ def build_argument_parser():
     parser = argparse.ArgumentParser(description="Measure training, attention, rollout, planning and data speed and "
                                                  "memory; write BENCHMARKS.md and BENCHMARKS.json.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny preset and small sizes only (under 1.5 minutes on 2 CPU cores)")
-    parser.add_argument("--out", help="Markdown report, the JSON beside it (written after each figure, so a run cut "
-                                      "short keeps what it measured); if not given, BENCHMARKS.md (--peer: BENCHMARKS_PEER.md; "
-                                      "--device cuda: BENCHMARKS_CUDA.md, BENCHMARKS_PEER_CUDA.md; with --only or "
-                                      "--presets: BENCHMARKS_PARTIAL.md, BENCHMARKS_CUDA_PARTIAL.md)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny preset and small sizes only (under 1.5 minutes on 2 CPU cores)")
+    parser.add_argument("--out", help="Markdown report, the JSON beside it (written after each preset of each figure, "
+                                      "so a run cut short keeps what it measured); if not given, BENCHMARKS.md "
+                                      "(--peer: BENCHMARKS_PEER.md; --device cuda: BENCHMARKS_CUDA.md, "
+                                      "BENCHMARKS_PEER_CUDA.md; with --only or --presets: BENCHMARKS_PARTIAL.md, "
+                                      "BENCHMARKS_CUDA_PARTIAL.md)")
     parser.add_argument("--peer", action="store_true", help="only our training step side by side with the peer "
                                                              "implementation's (peer.py; needs dreamer4 installed)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -636,34 +640,39 @@ def main(argv=None):
     trained = [(p, training_precision, False) for p in presets] + (
         [("tiny", training_precision, True)] if "tiny" in presets and not args.quick else []) + (
         [("tiny", "bf16", False)] if device.type != "cuda" and "tiny" in presets else [])
-    steps = [("training", lambda: [bench_training(p, training_batch[p], frames, device, runs[p],
-                                                  lambda: rates[precision].append(
-                                                      matmul_rate(device, matmul_n, repeats, DTYPES[precision])),
-                                                  precision, compiled) for p, precision, compiled in trained]),
-             ("attention", lambda: [e for p in presets for e in bench_attention(p, training_batch[p], frames, device,
-                                                                                 runs[p], backends)]),
-             ("rollout", lambda: [e for p in presets for e in bench_rollout(
-                 p, 4 if p != "droid" else 16, [4, 8] if args.quick else [4, 8, 16, 32], device, runs[p],
-                 recompute_up_to=8 if args.quick else dict(tiny=32, small=16).get(p, 8))]),
-             ("sampling", lambda: [e for p in presets for e in bench_sampling_steps(p, 4, 2, device, runs[p])]),
-             ("data", lambda: bench_data(work, device, batches=2 if args.quick else 4, quick=args.quick)),
-             ("encoding", lambda: bench_encoding(work, device, quick=args.quick)),
-             ("cem", lambda: [e for p in presets for e in bench_cem(
-                 p, device, runs[p] if args.quick or device.type == "cuda" else 1, **plan_sizes[p])])]
+    # each figure yields its rows one preset at a time, and the report is written after each
+    steps = [("training", lambda: ([bench_training(p, training_batch[p], frames, device, runs[p],
+                                                   lambda: rates[precision].append(
+                                                       matmul_rate(device, matmul_n, repeats, DTYPES[precision])),
+                                                   precision, compiled)] for p, precision, compiled in trained)),
+             ("attention", lambda: (bench_attention(p, training_batch[p], frames, device, runs[p], backends)
+                                    for p in presets)),
+             ("rollout", lambda: (bench_rollout(p, 4 if p != "droid" else 16, [4, 8] if args.quick else [4, 8, 16, 32],
+                                                device, runs[p],
+                                                recompute_up_to=8 if args.quick else dict(tiny=32, small=16).get(p, 8))
+                                  for p in presets)),
+             ("sampling", lambda: (bench_sampling_steps(p, 4, 2, device, runs[p]) for p in presets)),
+             ("data", lambda: [bench_data(work, device, batches=2 if args.quick else 4, quick=args.quick)]),
+             ("encoding", lambda: [bench_encoding(work, device, quick=args.quick)]),
+             ("cem", lambda: (bench_cem(p, device, runs[p] if args.quick or device.type == "cuda" else 1,
+                                        **plan_sizes[p]) for p in presets))]
     assert [name for name, _ in steps] == FIGURES  # the costliest figure (CEM) last: a run cut short keeps the others
     steps = [(name, run) for name, run in steps if not args.only or name in args.only]
     with tempfile.TemporaryDirectory(prefix="bench_") as work:
         for name, run in steps:
             start = time.perf_counter()
             print(f"[bench] {name} ...", file=sys.stderr, flush=True)
-            report[name] = run()
+            report[name], report["running"], report["complete"] = [], name, False
+            for rows in run():  # a run cut short keeps every preset measured so far
+                report[name] += rows
+                write_full_report(args.out, report, rates, echo=False)
             print(f"[bench] {name}: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
             if name == "cem":  # the rates again, right after the planning figures
                 for precision, dtype in DTYPES.items():
                     rates[precision].append(matmul_rate(device, matmul_n, repeats, dtype))
             report["measured"].append(name)
-            report["complete"] = name == steps[-1][0]
-            write_full_report(args.out, report, rates, echo=report["complete"])  # a run cut short keeps its figures
+            report["running"], report["complete"] = None, name == steps[-1][0]
+            write_full_report(args.out, report, rates, echo=report["complete"])
     return 0
 
 

@@ -2048,6 +2048,9 @@ def test_bench_report_of_a_run_cut_short(tmp_path):
     assert "Training step" in text and "Attention kernels" not in text and "CEM" not in text
     assert "Cut short**: this run stopped after its training figure" in text
     assert json.load(open(tmp_path / "B.json"))["training"][0]["mfu"] == pytest.approx(0.25)  # 1e10 / best 4e10
+    report.update(running="attention", attention=[])  # stopped inside a figure: its presets measured so far stay
+    bench.write_full_report(str(tmp_path / "B.md"), report, dict(fp32=[4e10], bf16=[8e10]), echo=False)
+    assert "Cut short**: this run stopped in its attention figure" in open(tmp_path / "B.md").read()
 
 
 def test_timing_interleaved_runs_take_turns():

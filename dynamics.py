@@ -317,9 +317,17 @@ class KVCache:
 
 
 def rms_norm(norm, x):
-    """An nn.RMSNorm applied in x's dtype: under bf16 autocast the query/key rows are bf16 and the
-    weight fp32; with the weight cast to bf16 torch runs its fused kernel (which sums in fp32)."""
-    return F.rms_norm(x, norm.normalized_shape, norm.weight.to(x.dtype), norm.eps)
+    """nn.RMSNorm's x / sqrt(mean(x²) + eps) · weight, computed in fp32 and returned in x's dtype
+    (under bf16 autocast the query/key rows are bf16, the residual stream fp32): the numbers of
+    F.rms_norm, which computes in fp32 too (eps None: fp32's epsilon), but the mean of squares is
+    one fused reduction (vector_norm) instead of a squared copy of x, and without autograd the
+    weight multiplies in place. On CPU a tiny-model CEM plan runs 1.09× (bf16) to 1.18× (fp32) faster
+    than with F.rms_norm (README)."""
+    eps = norm.eps if norm.eps is not None else torch.finfo(torch.float32).eps
+    mean_square = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32).square() / x.shape[-1]
+    y = x * (mean_square + eps).rsqrt()  # (..., d) in fp32
+    y = y * norm.weight if torch.is_grad_enabled() else y.mul_(norm.weight)
+    return y.to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -380,7 +388,7 @@ class Block(nn.Module):
 
     def forward(self, x, rope=None, cache=None):
         B, T, S, E = x.shape
-        h = self.attention_norm(x)
+        h = rms_norm(self.attention_norm, x)
         if self.time_layer is None:  # space: the S tokens of one frame attend to each other
             h = self.attention(h.reshape(B * T, S, E)).view(B, T, S, E)
         else:  # time: one slot attends to itself in frames <= t
@@ -388,7 +396,7 @@ class Block(nn.Module):
             h = self.attention(h, causal=True, rope=rope, cache=cache, cache_layer=self.time_layer)
             h = h.view(B, S, T, E).transpose(1, 2)
         x = x + h
-        return x + self.mlp(self.mlp_norm(x))
+        return x + self.mlp(rms_norm(self.mlp_norm, x))
 
 
 class DHHead(nn.Module):
@@ -415,7 +423,7 @@ class DHHead(nn.Module):
         h = self.from_trunk(features) + self.from_input(x_tau)
         for block in self.blocks:
             h = block(h)
-        return self.out(self.norm(h))
+        return self.out(rms_norm(self.norm, h))
 
 
 class DynamicsModel(nn.Module):
@@ -492,7 +500,7 @@ class DynamicsModel(nn.Module):
         if cache is not None and append:
             cache.length += T
 
-        features = self.norm(x[:, :, c.num_registers:c.num_registers + N])  # (B, T, N, E)
+        features = rms_norm(self.norm, x[:, :, c.num_registers:c.num_registers + N])  # (B, T, N, E)
         output = self.head(features) if c.head == "linear" else self.head(features, x_tau)
         if self.jacobian is not None:  # + J·a: each token's change per unit of each action dimension
             jacobian = self.jacobian(features).view(B, T, N, c.action_dim, c.token_dim)

@@ -441,9 +441,16 @@ def markdown_intro(report):
         "runs after warm-up. Peak memory on CPU: resident memory above the start, in one extra run after malloc "
         "handed back the memory it kept (n/a: under 1 MB, or not Linux)."
         + (f" Only the figures asked for (`--only`): {', '.join(report['only'])}." if report.get("only") else "")
-        + ("" if report["complete"] else f" **Cut short**: this run stopped in its {report['running']} figure "
-                                          "(its rows shown are complete)." if report.get("running")
-           else f" **Cut short**: this run stopped after its {report['measured'][-1]} figure."))
+        + cut_short_note(report))
+
+
+def cut_short_note(report):
+    """What the report of a run stopped early says: the figure it stopped in, or the last it finished."""
+    if report["complete"]:
+        return ""
+    if report.get("running"):  # stopped inside a figure: its rows shown are the presets it finished
+        return f" **Cut short**: this run stopped in its {report['running']} figure (its rows shown are complete)."
+    return f" **Cut short**: this run stopped after its {report['measured'][-1]} figure."
 
 
 def model_tables(report):

@@ -316,21 +316,23 @@ class KVCache:
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
 
-def rms_norm(norm, x):
-    """nn.RMSNorm's x / sqrt(mean(x²) + eps) · weight, computed in fp32 and returned in x's dtype
-    (under bf16 autocast the query/key rows are bf16, the residual stream fp32). On a GPU torch's
-    fused kernel does it in one launch (the weight cast to x's dtype, the sums in fp32). On CPU that
-    kernel is composite and squares x into a full-size copy; here the mean of squares is one fused
-    reduction (vector_norm) instead, and without autograd the weight multiplies in place: the same
-    numbers (eps None: fp32's epsilon, as F.rms_norm's), and a tiny-model CEM plan 1.09× (bf16) to
-    1.18× (fp32) faster (README)."""
-    if x.device.type != "cpu":
-        return F.rms_norm(x, norm.normalized_shape, norm.weight.to(x.dtype), norm.eps)
-    eps = norm.eps if norm.eps is not None else torch.finfo(torch.float32).eps
-    mean_square = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32).square() / x.shape[-1]
-    y = x * (mean_square + eps).rsqrt()  # (..., d) in fp32
-    y = y * norm.weight if torch.is_grad_enabled() else y.mul_(norm.weight)
-    return y.to(x.dtype)
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm's x / sqrt(mean(x²) + eps) · weight (the same parameter, the same checkpoints),
+    computed in fp32 and returned in x's dtype (under bf16 autocast the query/key rows are bf16, the
+    residual stream fp32). On a GPU torch's fused kernel does it in one launch (the weight cast to
+    x's dtype, the sums in fp32). On CPU that kernel is composite and squares x into a full-size
+    copy; here the mean of squares is one fused reduction (vector_norm) instead, and without autograd
+    the weight multiplies in place: the same numbers (eps None: fp32's epsilon, as F.rms_norm's), and
+    a tiny-model CEM plan 1.09× (bf16) to 1.18× (fp32) faster (README)."""
+
+    def forward(self, x):
+        if x.device.type != "cpu":
+            return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+        eps = self.eps if self.eps is not None else torch.finfo(torch.float32).eps
+        mean_square = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32).square() / x.shape[-1]
+        y = x * (mean_square + eps).rsqrt()  # (..., d) in fp32
+        y = y * self.weight if torch.is_grad_enabled() else y.mul_(self.weight)
+        return y.to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -341,14 +343,14 @@ class Attention(nn.Module):
         self.query = nn.Linear(width, heads * self.head_dim, bias=False)
         self.key_value = nn.Linear(width, 2 * kv_heads * self.head_dim, bias=False)
         self.out = nn.Linear(heads * self.head_dim, width, bias=False)
-        self.query_norm = nn.RMSNorm(self.head_dim)  # QK-norm
-        self.key_norm = nn.RMSNorm(self.head_dim)
+        self.query_norm = RMSNorm(self.head_dim)  # QK-norm
+        self.key_norm = RMSNorm(self.head_dim)
 
     def forward(self, x, causal=False, rope=None, cache=None, cache_layer=None):
         rows, length, _ = x.shape  # (rows, L, E): rows = B·T for space layers, B·S for time layers
         q = self.query(x).view(rows, length, self.heads, self.head_dim).transpose(1, 2)
         k, v = self.key_value(x).view(rows, length, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = rms_norm(self.query_norm, q), rms_norm(self.key_norm, k)  # (rows, heads, L, hd), (rows, kv_heads, L, hd)
+        q, k = self.query_norm(q), self.key_norm(k)  # (rows, heads, L, hd), (rows, kv_heads, L, hd)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
@@ -384,14 +386,14 @@ class Block(nn.Module):
     def __init__(self, width, heads, kv_heads, mlp_width, soft_cap, backend, time_layer=None):
         super().__init__()
         self.time_layer = time_layer
-        self.attention_norm = nn.RMSNorm(width)
+        self.attention_norm = RMSNorm(width)
         self.attention = Attention(width, heads, kv_heads, soft_cap, backend)
-        self.mlp_norm = nn.RMSNorm(width)
+        self.mlp_norm = RMSNorm(width)
         self.mlp = SwiGLU(width, mlp_width)
 
     def forward(self, x, rope=None, cache=None):
         B, T, S, E = x.shape
-        h = rms_norm(self.attention_norm, x)
+        h = self.attention_norm(x)
         if self.time_layer is None:  # space: the S tokens of one frame attend to each other
             h = self.attention(h.reshape(B * T, S, E)).view(B, T, S, E)
         else:  # time: one slot attends to itself in frames <= t
@@ -399,7 +401,7 @@ class Block(nn.Module):
             h = self.attention(h, causal=True, rope=rope, cache=cache, cache_layer=self.time_layer)
             h = h.view(B, S, T, E).transpose(1, 2)
         x = x + h
-        return x + self.mlp(rms_norm(self.mlp_norm, x))
+        return x + self.mlp(self.mlp_norm(x))
 
 
 class DHHead(nn.Module):
@@ -419,14 +421,14 @@ class DHHead(nn.Module):
             Block(config.dh_width, heads, kv_heads, mlp_hidden(config, config.dh_width), config.soft_cap,
                   config.attention)
             for _ in range(config.dh_depth))
-        self.norm = nn.RMSNorm(config.dh_width)
+        self.norm = RMSNorm(config.dh_width)
         self.out = nn.Linear(config.dh_width, config.token_dim)
 
     def forward(self, features, x_tau):  # (B, T, N, E), (B, T, N, D) -> (B, T, N, D)
         h = self.from_trunk(features) + self.from_input(x_tau)
         for block in self.blocks:
             h = block(h)
-        return self.out(rms_norm(self.norm, h))
+        return self.out(self.norm(h))
 
 
 class DynamicsModel(nn.Module):
@@ -449,7 +451,7 @@ class DynamicsModel(nn.Module):
         self.blocks = nn.ModuleList(
             Block(c.width, c.heads, c.kv_heads, mlp_hidden(c, c.width), c.soft_cap, c.attention, time_index[i])
             for i in range(c.depth))
-        self.norm = nn.RMSNorm(c.width)
+        self.norm = RMSNorm(c.width)
         self.head = nn.Linear(c.width, c.token_dim) if c.head == "linear" else DHHead(c)
         self.jacobian = nn.Linear(c.width, c.action_dim * c.token_dim) if c.action_jacobian else None
         self.apply(self._init_weights)
@@ -503,7 +505,7 @@ class DynamicsModel(nn.Module):
         if cache is not None and append:
             cache.length += T
 
-        features = rms_norm(self.norm, x[:, :, c.num_registers:c.num_registers + N])  # (B, T, N, E)
+        features = self.norm(x[:, :, c.num_registers:c.num_registers + N])  # (B, T, N, E)
         output = self.head(features) if c.head == "linear" else self.head(features, x_tau)
         if self.jacobian is not None:  # + J·a: each token's change per unit of each action dimension
             jacobian = self.jacobian(features).view(B, T, N, c.action_dim, c.token_dim)

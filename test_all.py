@@ -615,26 +615,27 @@ def seeded_model(config, seed=0):
 
 
 def test_rms_norm_matches_torch():
-    """dynamics.rms_norm (one fused reduction, fp32 maths) gives nn.RMSNorm's values and gradients, a
+    """dynamics.RMSNorm (one fused reduction, fp32 maths) gives nn.RMSNorm's values and gradients, a
     zero row included, also without autograd (weight multiplied in place); a bf16 input comes back in
     bf16, rounded from the same fp32 result as F.rms_norm's."""
     torch.manual_seed(0)
-    norm = torch.nn.RMSNorm(32)
+    norm, ours_norm = torch.nn.RMSNorm(32), dynamics.RMSNorm(32)
     torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
+    ours_norm.load_state_dict(norm.state_dict())  # the same parameter: checkpoints load either way
     x = torch.randn(3, 4, 7, 32) * 3
     x[0, 0, 0] = 0  # a zero row: finite, zero
     ours, reference = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y, y_ref = dynamics.rms_norm(norm, ours), norm(reference)
+    y, y_ref = ours_norm(ours), norm(reference)
     torch.testing.assert_close(y, y_ref)
     weights = torch.randn_like(y)
-    gradients = torch.autograd.grad((y * weights).sum(), [ours, norm.weight])
+    gradients = torch.autograd.grad((y * weights).sum(), [ours, ours_norm.weight])
     gradients_ref = torch.autograd.grad((y_ref * weights).sum(), [reference, norm.weight])
     for gradient, gradient_ref in zip(gradients, gradients_ref):
         assert torch.isfinite(gradient).all()
         torch.testing.assert_close(gradient, gradient_ref)
     with torch.no_grad():
-        torch.testing.assert_close(dynamics.rms_norm(norm, x), y_ref.detach())
-        half = dynamics.rms_norm(norm, x.bfloat16())
+        torch.testing.assert_close(ours_norm(x), y_ref.detach())
+        half = ours_norm(x.bfloat16())
         assert half.dtype == torch.bfloat16
         torch.testing.assert_close(half, torch.nn.functional.rms_norm(x.bfloat16(), (32,), norm.weight.bfloat16()),
                                    atol=0, rtol=8e-3)

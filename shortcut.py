@@ -402,7 +402,7 @@ def rollout(model, context, actions, K=4, context_actions=None, context_mask=Non
     history, cache = as_context(context, context_actions, context_mask), None
     if use_cache:
         cache = model.new_cache(context_rows, frames=C + H)  # room for this rollout, no more
-        model(*history, cache=cache, append=True)
+        model.fill_cache(*history, cache)
         cache = cache.repeat(B // context_rows)  # a shared context: computed once, copied to the B rows
         history = None
     else:
@@ -412,7 +412,7 @@ def rollout(model, context, actions, K=4, context_actions=None, context_mask=Non
         if step:  # the frame just generated joins the past, re-noised like the context
             new = as_context(frames[-1][:, None], actions[:, step - 1:step], action_mask)
             if use_cache:
-                model(*new, cache=cache, append=True)  # computed once, attended by every later pass
+                model.fill_cache(*new, cache)  # computed once, attended by every later pass
             else:
                 history = tuple(torch.cat([past, frame], dim=1) for past, frame in zip(history, new))
         action = actions[:, step:step + 1]  # (B, 1, 7): from the last frame to the new one

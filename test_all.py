@@ -760,6 +760,27 @@ def test_dynamics_kv_cache_matches_recompute():
             model.new_cache(batch_size=1, frames=model.config.max_frames + 1)
 
 
+def test_dynamics_fill_cache_stores_what_forward_stores():
+    """fill_cache (the blocks before the last time layer, then only its keys and values) leaves the
+    cache as forward with append=True does, whether the last layer is a time layer or not; a rollout,
+    which fills its cache so, still equals recomputing the past."""
+    for depth in (4, 5):  # time layers 1, 3: the last layer, or a space layer after it
+        model = seeded_model(small_dynamics_config(depth=depth))
+        x, tau, d, actions, mask = dynamics_inputs(model.config, frames=6)
+        frames = lambda start, end: (x[:, start:end], tau[:, start:end], d[:, start:end], actions[:, start:end], mask)
+        with torch.no_grad():
+            stored, filled = model.new_cache(batch_size=2, frames=6), model.new_cache(batch_size=2, frames=6)
+            for start, end in ((0, 2), (2, 3), (3, 6)):
+                model(*frames(start, end), cache=stored)
+                model.fill_cache(*frames(start, end), filled)
+                assert filled.length == stored.length == end
+            torch.testing.assert_close(filled.keys, stored.keys, atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(filled.values, stored.values, atol=1e-6, rtol=1e-5)
+        run = lambda **options: shortcut.rollout(model, x[:, :2], actions[:, 2:], K=2,
+                                                 generator=torch.Generator().manual_seed(0), **options)
+        torch.testing.assert_close(run(), run(use_cache=False), atol=1e-5, rtol=1e-5)
+
+
 def test_dynamics_actions_and_mask():
     model = seeded_model(small_dynamics_config())
     x, tau, d, actions, mask = dynamics_inputs(model.config, batch=2)  # row 0 labelled, row 1 not

@@ -359,8 +359,9 @@ class Attention(nn.Module):
 
     def forward(self, x, causal=False, rope=None, cache=None, cache_layer=None):
         rows, length, _ = x.shape  # (rows, L, E): rows = B·T for space layers, B·S for time layers
-        q = self.query_norm(self.query(x).view(rows, length, self.heads, self.head_dim).transpose(1, 2))
-        k, v = self.keys_values(x, rope)  # (rows, heads, L, hd), (rows, kv_heads, L, hd)
+        q = self.query(x).view(rows, length, self.heads, self.head_dim).transpose(1, 2)  # (rows, heads, L, hd)
+        q = self.query_norm(q)  # QK-norm
+        k, v = self.keys_values(x, rope)  # (rows, kv_heads, L, hd) each
         if rope is not None:
             q = apply_rope(q, *rope)
         if cache is not None:

@@ -469,6 +469,7 @@ class DynamicsModel(nn.Module):
         is_time = [(i + 1) % c.time_every == 0 for i in range(c.depth)]  # every time_every-th layer
         time_index = [sum(is_time[:i]) if is_time[i] else None for i in range(c.depth)]  # its KV cache slot
         self.time_layers = sum(is_time)
+        self.last_time_block = max(i for i in range(c.depth) if is_time[i])  # where fill_cache stops
         self.blocks = nn.ModuleList(
             Block(c.width, c.heads, c.kv_heads, mlp_hidden(c, c.width), c.soft_cap, c.attention, time_index[i])
             for i in range(c.depth))
@@ -546,10 +547,9 @@ class DynamicsModel(nn.Module):
         forward computes (that layer's attention and MLP, any layer after it, the head) is not needed
         for frames whose output nobody reads, as for those a rollout feeds back. Returns nothing."""
         x, rope, _ = self.embed(x_tau, tau, d, actions, action_mask, cache.length)
-        last = max(i for i, block in enumerate(self.blocks) if block.time_layer is not None)
-        for block in self.blocks[:last]:
+        for block in self.blocks[:self.last_time_block]:
             x = block(x, rope, cache)
-        self.blocks[last].store_keys_values(x, rope, cache)
+        self.blocks[self.last_time_block].store_keys_values(x, rope, cache)
         cache.length += x_tau.shape[1]
 
 

@@ -12,7 +12,9 @@ peak resident memory of the process above what it held before (Linux VmHWM, rese
 /proc/self/clear_refs). Before it, malloc hands back the free memory it kept from earlier runs
 (malloc_trim), and during it every block of 256 KB or more is mmap'd (set_mmap_threshold), so that
 resident memory follows the tensors; otherwise reused blocks would not show. The timed runs keep
-malloc's usual settings (page faults on every large tensor would slow them down).
+malloc's usual settings as near as they can be restored: afterwards the threshold is 32 MB, where
+glibc's own adaptation of it stops, and no longer adapts (page faults on every large tensor would
+slow them down; the README's speed section measures them).
 """
 import ctypes
 import statistics

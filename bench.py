@@ -243,7 +243,7 @@ def bench_sampling_steps(preset, batch_size, horizon, device, repeats):
 def bench_cem(preset, device, repeats, samples=300, horizon=5, iterations=10, loop_candidates=4):
     """One plan at K = 4 and at K = 1 in the precision plan.py uses on this device (fp32 on CPU, bf16
     on a GPU), on CPU also at K = 1 in bf16; each plan's FLOPs are counted (its FLOP bound is computed
-    in main, from the matmul rate of its precision). The slow alternative of the first: one rollout
+    in write_full_report, from the best matmul rate of its precision). The slow alternative of the first: one rollout
     per candidate."""
     torch.manual_seed(0)
     model = DynamicsModel(bench_config(preset)).to(device).eval()
@@ -605,6 +605,51 @@ def build_argument_parser():
     return parser
 
 
+def figure_runs(args, device, repeats, rates, matmul_n):
+    """What each figure measures on this device, at sizes it can afford: (name, run) in FIGURES' order,
+    run(work) yielding the figure's rows one preset at a time (work: a scratch folder for datasets)."""
+    presets = args.presets or (["tiny"] if args.quick else ["tiny", "small"] + (["droid"] if device.type == "cuda" else []))
+    # batch sizes: tiny as the demo trains it (--quick: 4, as bf16 steps are slow on CPUs without bf16 matmul
+    # units); larger presets smaller on CPU so the bench ends in minutes
+    training_batch = dict(tiny=4 if args.quick else 16, small=8 if device.type == "cuda" else 2, droid=8)
+    frames = 8
+    backends = [("plain", 50.0), ("plain", 0.0), ("sdpa", 0.0)]
+    if device.type == "cuda" or args.compile:
+        backends += [("flex", 50.0)]
+    # On CPU the larger presets are timed once (after one warm-up): a figure of theirs takes minutes.
+    # A CEM step at DINO-WM's size imagines 300 x 5 frames 10 times: on CPU the tiny preset once, and the
+    # larger presets (their time / bound ratio) at 64 samples x 1 iteration; --quick: 30 x 1 for every preset.
+    runs = {p: repeats if p == "tiny" or device.type == "cuda" else 1 for p in presets}
+    plan_sizes = {p: dict(samples=30, iterations=1) if args.quick
+                  else dict(samples=64, iterations=1) if device.type != "cuda" and p != "tiny"
+                  else dict(samples=300, iterations=10) for p in presets}
+    # rollouts: (preset, batch, horizons, recompute up to); the tiny preset also at a planner's batch
+    rollout_sizes = [(p, 4 if p != "droid" else 16, [4, 8] if args.quick else [4, 8, 16, 32],
+                      8 if args.quick else dict(tiny=32, small=16).get(p, 8)) for p in presets] + (
+        [("tiny", 64, [16], 16)] if "tiny" in presets and not args.quick else [])
+    # training: each preset in the device's precision; the tiny preset compiled too (train.py --compile; not
+    # --quick: compiling takes minutes on 2 CPU cores); on CPU the tiny preset in bf16 autocast too
+    training_precision = device_precision(device)
+    trained = [(p, training_precision, False) for p in presets] + (
+        [("tiny", training_precision, True)] if "tiny" in presets and not args.quick else []) + (
+        [("tiny", "bf16", False)] if device.type != "cuda" and "tiny" in presets else [])
+    steps = [("training", lambda work: ([bench_training(p, training_batch[p], frames, device, runs[p],
+                                                        lambda: rates[precision].append(
+                                                            matmul_rate(device, matmul_n, repeats, DTYPES[precision])),
+                                                        precision, compiled)] for p, precision, compiled in trained)),
+             ("attention", lambda work: (bench_attention(p, training_batch[p], frames, device, runs[p], backends)
+                                         for p in presets)),
+             ("rollout", lambda work: (bench_rollout(p, batch, horizons, device, runs[p], recompute_up_to)
+                                       for p, batch, horizons, recompute_up_to in rollout_sizes)),
+             ("sampling", lambda work: (bench_sampling_steps(p, 4, 2, device, runs[p]) for p in presets)),
+             ("data", lambda work: [bench_data(work, device, batches=2 if args.quick else 4, quick=args.quick)]),
+             ("encoding", lambda work: [bench_encoding(work, device, quick=args.quick)]),
+             ("cem", lambda work: (bench_cem(p, device, runs[p] if args.quick or device.type == "cuda" else 1,
+                                             **plan_sizes[p]) for p in presets))]
+    assert [name for name, _ in steps] == FIGURES  # the costliest figure (CEM) last: a run cut short keeps the others
+    return [(name, run) for name, run in steps if not args.only or name in args.only]
+
+
 def main(argv=None):
     args = build_argument_parser().parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -619,62 +664,21 @@ def main(argv=None):
     partial = "_PARTIAL" if args.only or args.presets else ""  # a subset never replaces the full report
     args.out = args.out or f"BENCHMARKS{'_CUDA' if device.type == 'cuda' else ''}{partial}.md"
     repeats = args.repeats or (2 if args.quick else 5)
-    presets = args.presets or (["tiny"] if args.quick else ["tiny", "small"] + (["droid"] if device.type == "cuda" else []))
-    # batch sizes: tiny as the demo trains it (--quick: 4, as bf16 steps are slow on CPUs without bf16 matmul
-    # units); larger presets smaller on CPU so the bench ends in minutes
-    training_batch = dict(tiny=4 if args.quick else 16, small=8 if device.type == "cuda" else 2, droid=8)
-    frames = 8
-    backends = [("plain", 50.0), ("plain", 0.0), ("sdpa", 0.0)]
-    if device.type == "cuda" or args.compile:
-        backends += [("flex", 50.0)]
     matmul_n = 4096 if device.type == "cuda" else (512 if args.quick else 1024)
-    training_precision = device_precision(device)
     rates = {name: [matmul_rate(device, matmul_n, repeats, dtype)] for name, dtype in DTYPES.items()}
-
     machine = dict(device_name=torch.cuda.get_device_name(device) if device.type == "cuda"
                    else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
                    threads=torch.get_num_threads(), torch=torch.__version__, python=platform.python_version(),
-                   matmul_n=matmul_n, matmul_dtype=training_precision)
+                   matmul_n=matmul_n, matmul_dtype=device_precision(device))
     report = dict(date=time.strftime("%Y-%m-%d"), quick=args.quick, repeats=repeats, machine=machine, measured=[],
                   only=[name for name in FIGURES if name in args.only] if args.only else None)
-    # On CPU the larger presets are timed once (after one warm-up): a figure of theirs takes minutes.
-    # A CEM step at DINO-WM's size imagines 300 x 5 frames 10 times: on CPU the tiny preset once, and the
-    # larger presets (their time / bound ratio) at 64 samples x 1 iteration; --quick: 30 x 1 for every preset.
-    runs = {p: repeats if p == "tiny" or device.type == "cuda" else 1 for p in presets}
-    plan_sizes = {p: dict(samples=30, iterations=1) if args.quick
-                  else dict(samples=64, iterations=1) if device.type != "cuda" and p != "tiny"
-                  else dict(samples=300, iterations=10) for p in presets}
-    # rollouts: (preset, batch, horizons, recompute up to); the tiny preset also at a planner's batch
-    rollout_sizes = [(p, 4 if p != "droid" else 16, [4, 8] if args.quick else [4, 8, 16, 32],
-                      8 if args.quick else dict(tiny=32, small=16).get(p, 8)) for p in presets] + (
-        [("tiny", 64, [16], 16)] if "tiny" in presets and not args.quick else [])
-    # training: each preset in the device's precision; the tiny preset compiled too (train.py --compile; not
-    # --quick: compiling takes minutes on 2 CPU cores); on CPU the tiny preset in bf16 autocast too
-    trained = [(p, training_precision, False) for p in presets] + (
-        [("tiny", training_precision, True)] if "tiny" in presets and not args.quick else []) + (
-        [("tiny", "bf16", False)] if device.type != "cuda" and "tiny" in presets else [])
-    # each figure yields its rows one preset at a time, and the report is written after each
-    steps = [("training", lambda: ([bench_training(p, training_batch[p], frames, device, runs[p],
-                                                   lambda: rates[precision].append(
-                                                       matmul_rate(device, matmul_n, repeats, DTYPES[precision])),
-                                                   precision, compiled)] for p, precision, compiled in trained)),
-             ("attention", lambda: (bench_attention(p, training_batch[p], frames, device, runs[p], backends)
-                                    for p in presets)),
-             ("rollout", lambda: (bench_rollout(p, batch, horizons, device, runs[p], recompute_up_to)
-                                  for p, batch, horizons, recompute_up_to in rollout_sizes)),
-             ("sampling", lambda: (bench_sampling_steps(p, 4, 2, device, runs[p]) for p in presets)),
-             ("data", lambda: [bench_data(work, device, batches=2 if args.quick else 4, quick=args.quick)]),
-             ("encoding", lambda: [bench_encoding(work, device, quick=args.quick)]),
-             ("cem", lambda: (bench_cem(p, device, runs[p] if args.quick or device.type == "cuda" else 1,
-                                        **plan_sizes[p]) for p in presets))]
-    assert [name for name, _ in steps] == FIGURES  # the costliest figure (CEM) last: a run cut short keeps the others
-    steps = [(name, run) for name, run in steps if not args.only or name in args.only]
+    steps = figure_runs(args, device, repeats, rates, matmul_n)
     with tempfile.TemporaryDirectory(prefix="bench_") as work:
         for name, run in steps:
             start = time.perf_counter()
             print(f"[bench] {name} ...", file=sys.stderr, flush=True)
             report[name], report["running"], report["complete"] = [], name, False
-            for rows in run():  # a run cut short keeps every preset measured so far
+            for rows in run(work):  # a run cut short keeps every preset measured so far
                 report[name] += rows
                 write_full_report(args.out, report, rates, echo=False)
             print(f"[bench] {name}: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)

@@ -42,7 +42,10 @@ absolute numbers drift. What is measured, and the slow alternative each is compa
    and scaled to 300: the loop's cost is linear in the candidates); at K = 4 and K = 1 in the
    precision plan.py plans in on the device (fp32 on CPU, bf16 autocast on a GPU), on CPU also at
    K = 1 in bf16, timed in turn. Each plan against its FLOP bound: its FLOPs, counted like the
-   training step's, over the measured matmul rate of its precision. On CPU the larger presets plan
+   training step's, over the measured matmul rate of its precision, and on CPU that ratio split in
+   two: the part of the plan's time inside matrix products (the work the bound counts) and the rest
+   (elementwise work and Python, which it does not), from one more plan of at most 2 iterations
+   under torch.profiler (timing.matmul_share). On CPU the larger presets plan
    64 samples × 1 iteration (the full size would take tens of minutes there): enough for their
    time / bound ratio. Measured last, after 6: it is the costliest figure, and a run cut short
    keeps every figure before it and each preset of it already planned (the report is written after
@@ -67,6 +70,7 @@ import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the bench never downloads: every model is built from a config
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler (matmul_share) would log an error for a missing GPU
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -78,7 +82,7 @@ import sim
 from dynamics import PRESETS, Attention, DynamicsConfig, DynamicsModel, attend
 from cem import CEMPlanner, LearnedModel
 from shortcut import rollout, shortcut_forcing_loss
-from timing import matmul_rate, measure, measure_interleaved
+from timing import matmul_rate, matmul_share, measure, measure_interleaved
 
 
 DTYPES = dict(fp32=torch.float32, bf16=torch.bfloat16)
@@ -244,7 +248,8 @@ def bench_cem(preset, device, repeats, samples=300, horizon=5, iterations=10, lo
     """One plan at K = 4 and at K = 1 in the precision plan.py uses on this device (fp32 on CPU, bf16
     on a GPU), on CPU also at K = 1 in bf16; each plan's FLOPs are counted (its FLOP bound is computed
     in write_full_report, from the best matmul rate of its precision). The slow alternative of the first: one rollout
-    per candidate."""
+    per candidate. On CPU, where each plan's time goes: the share of it inside matrix products, profiled
+    in one more plan of at most 2 iterations (every iteration does the same work)."""
     torch.manual_seed(0)
     model = DynamicsModel(bench_config(preset)).to(device).eval()
     config = model.config
@@ -253,17 +258,21 @@ def bench_cem(preset, device, repeats, samples=300, horizon=5, iterations=10, lo
     goal = torch.randn(config.num_tokens, config.token_dim, device=device)
     default = device_precision(device)  # plan.py's precision on this device
     variants = ((4, default), (1, default)) + (((1, "bf16"),) if default != "bf16" else ())
-    planners, flops = [], []
-    for K, precision in variants:
-        learned = LearnedModel(model, None, None, stats, K=K, precision=precision)
-        planners.append(CEMPlanner(learned, horizon=horizon, samples=samples, top_k=samples // 10,
-                                   iterations=iterations))
-        flops.append(count_flops(model, functools.partial(planners[-1].plan, context, goal)))
-    timings = measure_interleaved([functools.partial(planner.plan, context, goal) for planner in planners],
-                                  device, repeats)  # the plans in turn
+    world_models = [LearnedModel(model, None, None, stats, K=K, precision=precision) for K, precision in variants]
+
+    def planner(world_model, iterations):
+        return CEMPlanner(world_model, horizon=horizon, samples=samples, top_k=samples // 10, iterations=iterations)
+
+    plans = [functools.partial(planner(world_model, iterations).plan, context, goal) for world_model in world_models]
+    flops = [count_flops(model, plan) for plan in plans]
+    timings = measure_interleaved(plans, device, repeats)  # the plans in turn
     results = [dict(preset=preset, samples=samples, horizon=horizon, iterations=iterations, K=K,
                     precision=precision, seconds=timing["seconds"], flops=count, peak_bytes=timing["peak_bytes"])
                for (K, precision), count, timing in zip(variants, flops, timings)]
+    if device.type == "cpu":  # on a GPU the calls return before their kernels run: the profile would not tell
+        for entry, world_model in zip(results, world_models):
+            entry["matmul_share"] = matmul_share(functools.partial(planner(world_model, min(iterations, 2)).plan,
+                                                                   context, goal))
     # the slow alternative of the first: one rollout per candidate; timed on a few, scaled to samples x iterations
     one_by_one = CEMPlanner(LearnedModel(model, None, None, stats, K=4, precision=default), horizon=horizon,
                             samples=1, top_k=1, iterations=1)
@@ -496,10 +505,14 @@ def model_tables(report):
         "One CEM MPC step (one plan): batched, and against its FLOP bound (its FLOPs at the measured matmul rate of "
         "its precision)",
         ["preset", "samples × horizon × iterations", "K", "precision", "one plan", "GFLOP", "FLOP bound",
-         "time / bound", "speed-up vs K = 4", "one rollout per candidate", "peak mem"],
+         "time / bound", "of which in matmuls / the rest", "speed-up vs K = 4", "one rollout per candidate",
+         "peak mem"],
         [[e["preset"], f"{e['samples']} × {e['horizon']} × {e['iterations']}", str(e["K"]), e["precision"],
           f"{e['seconds']:.2f} s", f"{e['flops'] / 1e9:.0f}", f"{e['bound_seconds']:.2f} s",
-          f"{e['seconds'] / e['bound_seconds']:.1f}×", f"{reference[e['preset']]['seconds'] / e['seconds']:.1f}×",
+          f"{e['seconds'] / e['bound_seconds']:.1f}×",
+          f"{e['matmul_share'] * e['seconds'] / e['bound_seconds']:.1f}× / "
+          f"{(1 - e['matmul_share']) * e['seconds'] / e['bound_seconds']:.1f}×" if "matmul_share" in e else "",
+          f"{reference[e['preset']]['seconds'] / e['seconds']:.1f}×",
           f"{e['looped_seconds']:.1f} s (scaled from a few; {e['looped_seconds'] / e['seconds']:.0f}× slower)"
           if "looped_seconds" in e else "", megabytes(e["peak_bytes"])] for e in report.get("cem", [])])
     return lines

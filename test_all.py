@@ -2060,6 +2060,8 @@ def test_bench_quick_measures_every_figure(tmp_path):
     assert [(entry["K"], entry["precision"]) for entry in report["cem"]] == [(4, "fp32"), (1, "fp32"), (1, "bf16")]
     assert all(entry["seconds"] > 0 and entry["bound_seconds"] > 0 for entry in report["cem"])
     assert report["cem"][0]["flops"] > 2 * report["cem"][1]["flops"] > 0  # K = 4: 24 passes per iteration, K = 1: 9
+    assert all(0 < entry["matmul_share"] < 1 for entry in report["cem"])  # matrix products and other work
+    assert "of which in matmuls / the rest" in text
     assert report["data"][0]["cached_clips_per_s"] > 0
     encoding_paths = ("in_order", "workers", "per_frame", "shards", "decode_in_order", "decode_per_frame")
     assert min(report["encoding"][0][f"{name}_frames_per_s"] for name in encoding_paths) > 0
@@ -2108,6 +2110,14 @@ def test_timing_interleaved_runs_take_turns():
                                          torch.device("cpu"), repeats=3)
     assert calls[:8] == ["a", "b", "a", "b", "a", "b", "a", "b"]  # warm-up, then 3 timed rounds
     assert len(calls) == 10 and [sorted(result) for result in results] == [["mean_seconds", "peak_bytes", "seconds"]] * 2
+
+
+def test_timing_matmul_share_tells_matrix_products_from_the_rest():
+    """Matrix products alone: most of the run inside them; elementwise work alone: none of it."""
+    a = torch.randn(384, 384)
+    products = timing.matmul_share(lambda: [a @ a for _ in range(20)])
+    elementwise = timing.matmul_share(lambda: [(a * 2).exp_().sum() for _ in range(20)])
+    assert 0.5 < products <= 1.0 and elementwise == 0.0
 
 
 def test_bench_peer_says_when_the_peer_is_missing(monkeypatch, tmp_path):

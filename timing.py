@@ -15,6 +15,10 @@ resident memory follows the tensors; otherwise reused blocks would not show. The
 malloc's usual settings as near as they can be restored: afterwards the threshold is 32 MB, where
 glibc's own adaptation of it stops, and no longer adapts (page faults on every large tensor would
 slow them down; the README's speed section measures them).
+
+Where the time goes (matmul_share): a FLOP bound counts matrix products only, so the fraction of a
+run spent inside them says how far from the bound the rest of the work puts it: on CPU, the time of
+every mm / bmm / addmm / baddbmm call as torch.profiler records it, over the run's wall time.
 """
 import ctypes
 import statistics
@@ -140,3 +144,21 @@ def matmul_rate(device, n, repeats, dtype=None):
         synchronize(device)
         times.append(time.perf_counter() - start)
     return 2 * n ** 3 / min(times)
+
+
+# The calls a FLOP count of a transformer (torch.utils.flop_counter) counts: the matrix products.
+MATMUL_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm")
+
+
+def matmul_share(function):
+    """The fraction of one run of `function` (on CPU) spent inside matrix products: the time of every
+    MATMUL_OPS call on the calling thread (its intra-op threads work in parallel with it) over the
+    run's wall time. The rest is what the FLOP bound does not count: elementwise work
+    (normalisation, softmax, activations, copies) and Python between the calls."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                acc_events=True) as profile:  # acc_events: keep this run's events, no warning
+        start = time.perf_counter()
+        function()
+        wall = time.perf_counter() - start
+    inside = sum(event.cpu_time_total for event in profile.key_averages() if event.key in MATMUL_OPS) / 1e6
+    return inside / wall

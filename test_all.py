@@ -2117,7 +2117,7 @@ def test_timing_matmul_share_tells_matrix_products_from_the_rest():
     a = torch.randn(384, 384)
     products = timing.matmul_share(lambda: [a @ a for _ in range(20)])
     elementwise = timing.matmul_share(lambda: [(a * 2).exp_().sum() for _ in range(20)])
-    assert 0.5 < products <= 1.0 and elementwise == 0.0
+    assert 0.5 < products < 1.01 and elementwise == 0.0  # (1.01: the profiler's and the wall clock's rounding)
 
 
 def test_bench_peer_says_when_the_peer_is_missing(monkeypatch, tmp_path):

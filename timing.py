@@ -146,7 +146,8 @@ def matmul_rate(device, n, repeats, dtype=None):
     return 2 * n ** 3 / min(times)
 
 
-# The calls a FLOP count of a transformer (torch.utils.flop_counter) counts: the matrix products.
+# The matrix products, which a FLOP count (torch.utils.flop_counter) counts. It counts fused attention
+# kernels too, which are not listed here: the soft-capped models here attend on CPU by plain matmuls (bmm).
 MATMUL_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm")
 
 

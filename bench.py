@@ -1,6 +1,6 @@
 """Speed and memory, measured: `python bench.py` writes BENCHMARKS.md (and BENCHMARKS.json).
 
-    python bench.py                   # tiny and small presets (and droid on a GPU), minutes on 2 CPU cores
+    python bench.py                   # tiny and small presets (and droid on a GPU), 21-26 min on 2 CPU cores
     python bench.py --quick           # tiny preset, small sizes: under 1.5 minutes on 2 CPU cores (the test runs it)
     python bench.py --device cuda     # on a GPU, to BENCHMARKS_CUDA.md: bf16 autocast, flex attention, droid preset
     python bench.py --device cuda --only cem --presets droid   # one figure, one preset: BENCHMARKS_CUDA_PARTIAL.md
@@ -247,9 +247,10 @@ def bench_sampling_steps(preset, batch_size, horizon, device, repeats):
 def bench_cem(preset, device, repeats, samples=300, horizon=5, iterations=10, loop_candidates=4):
     """One plan at K = 4 and at K = 1 in the precision plan.py uses on this device (fp32 on CPU, bf16
     on a GPU), on CPU also at K = 1 in bf16; each plan's FLOPs are counted (its FLOP bound is computed
-    in write_full_report, from the best matmul rate of its precision). The slow alternative of the first: one rollout
-    per candidate. On CPU, where each plan's time goes: the share of it inside matrix products, profiled
-    in one more plan of at most 2 iterations (every iteration does the same work)."""
+    in write_full_report, from the best matmul rate of its precision). The slow alternative of the
+    first: one rollout per candidate. On CPU, where each plan's time goes: the share of it inside
+    matrix products, profiled in one more plan of at most 2 iterations (every iteration does the same
+    work)."""
     torch.manual_seed(0)
     model = DynamicsModel(bench_config(preset)).to(device).eval()
     config = model.config
